@@ -1,0 +1,225 @@
+"""The ``mcp-bastion`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .config import (
+    ConfigError,
+    GatewaySettings,
+    ServerConfig,
+    apply,
+    default_data_dir,
+    from_environment,
+    load_config_file,
+    parse_server,
+)
+
+app = typer.Typer(
+    name="mcp-bastion",
+    help="Put any MCP server behind one endpoint that every MCP client, in every protocol era, can use.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mcp-bastion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        Optional[bool],  # noqa: UP045 - typer needs Optional here
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """mcp-bastion: an MCP gateway, bridge and tunnel."""
+
+
+HostOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--host", help="Address to listen on (default 127.0.0.1; env MCP_BASTION_HOST)."),
+]
+PortOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--port", "-p", help="Port to listen on (default 8080; env MCP_BASTION_PORT)."),
+]
+PublicUrlOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--public-url", help="The URL clients use to reach this gateway (behind a TLS proxy); "
+                 "its host is allowed as Host and Origin."),
+]
+AllowHostOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--allow-host", help="Extra Host header value to accept (repeatable; 'name:*' any port; "
+                 "'*' disables the check)."),
+]
+AllowOriginOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--allow-origin", help="Extra browser Origin to accept (repeatable; '*' disables the check)."),
+]
+DataDirOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--data-dir", help="Where state is kept (env MCP_BASTION_DATA_DIR; default: the user's data dir)."),
+]
+LogLevelOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--log-level", help="debug, info, warning or error (env MCP_BASTION_LOG_LEVEL)."),
+]
+
+
+def _settings(base: GatewaySettings, **flags: object) -> GatewaySettings:
+    settings = from_environment(base)
+    values = {k: v for k, v in flags.items() if v is not None and v != []}
+    settings = apply(settings, values, "command line")
+    if not settings.data_dir:
+        settings = apply(settings, {"data_dir": default_data_dir()}, "default")
+    return settings.validated()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"mcp-bastion: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(settings: GatewaySettings, servers: list[ServerConfig], single: bool) -> None:
+    from . import logs
+    from .gateway import Gateway, run
+
+    logs.configure(settings.log_level, settings.log_format)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    run(Gateway(settings, servers, single=single))
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def expose(
+    command: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(help="The stdio server to run, after '--': COMMAND [ARGS...]."),
+    ] = None,
+    url: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--url", help="Front a remote Streamable HTTP or SSE server instead of a command."),
+    ] = None,
+    transport: Annotated[
+        str, typer.Option("--transport", help="With --url: 'http' (Streamable HTTP), 'sse', or 'auto' (by path).")
+    ] = "auto",
+    name: Annotated[str, typer.Option("--name", help="The server's name in logs.")] = "server",
+    env: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--env", "-e", help="KEY=VALUE for the child (repeatable); VALUE may be env:NAME or file:PATH."),
+    ] = None,
+    header: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--header", "-H", help="'Name: value' sent to the --url server (repeatable; secret references allowed)."),
+    ] = None,
+    isolation: Annotated[
+        str, typer.Option("--isolation", help="'shared': one child for all sessions; 'session': one per session.")
+    ] = "shared",
+    host: HostOpt = None,
+    port: PortOpt = None,
+    public_url: PublicUrlOpt = None,
+    allow_host: AllowHostOpt = None,
+    allow_origin: AllowOriginOpt = None,
+    data_dir: DataDirOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Serve one MCP server at http://HOST:PORT/mcp (Streamable HTTP, both eras) and /sse (legacy HTTP+SSE).
+
+    Example: mcp-bastion expose --port 8080 -- npx -y @modelcontextprotocol/server-everything
+    """
+    try:
+        settings = _settings(
+            GatewaySettings(), host=host, port=port, public_url=public_url, allowed_hosts=allow_host,
+            allowed_origins=allow_origin, data_dir=str(data_dir) if data_dir else None, log_level=log_level,
+        )
+        entry: dict[str, object] = {"isolation": isolation}
+        if url and command:
+            _fail("give either --url or a command after '--', not both")
+        if url:
+            entry["url"] = url
+            kind = transport if transport != "auto" else ("sse" if url.rstrip("/").endswith("/sse") else "http")
+            entry["type"] = kind
+            entry["headers"] = dict(_pair(h, ":") for h in header or [])
+        elif command:
+            entry["command"] = command[0]
+            entry["args"] = command[1:]
+            entry["env"] = dict(_pair(e, "=") for e in env or [])
+        else:
+            _fail("nothing to expose: give a command after '--' or --url URL")
+        server = parse_server(name, entry)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    _run(settings, [server], single=True)
+
+
+def _pair(text: str, sep: str) -> tuple[str, str]:
+    if sep not in text:
+        raise ConfigError(f"expected NAME{sep}VALUE, got {text!r}")
+    key, value = text.split(sep, 1)
+    return key.strip(), value.strip()
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="An mcpServers JSON file (Claude Desktop, Cursor, VS Code) or a TOML "
+                     "gateway file.", exists=True, dir_okay=False),
+    ],
+    prefix_mode: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--prefix-mode", help="Aggregated names: 'always' <server>_<name> (default) or 'on-collision'."),
+    ] = None,
+    separator: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--separator", help="Between server and tool name in aggregated names (default '_')."),
+    ] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    public_url: PublicUrlOpt = None,
+    allow_host: AllowHostOpt = None,
+    allow_origin: AllowOriginOpt = None,
+    data_dir: DataDirOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Serve every server in FILE: each at /servers/<name>/mcp (and /sse), all aggregated at /mcp (and /sse)."""
+    try:
+        loaded = load_config_file(config)
+        settings = _settings(
+            loaded.settings, host=host, port=port, public_url=public_url, allowed_hosts=allow_host,
+            allowed_origins=allow_origin, data_dir=str(data_dir) if data_dir else None, log_level=log_level,
+            prefix_mode=prefix_mode, separator=separator,
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    if not loaded.servers:
+        _fail(f"{config}: no servers configured")
+    _run(settings, loaded.servers, single=False)
+
+
+def main() -> None:
+    # `expose -- cmd --flag`: everything after '--' belongs to the child.
+    argv = sys.argv[1:]
+    if "--" in argv:
+        idx = argv.index("--")
+        head, tail = argv[:idx], argv[idx + 1 :]
+        sys.argv = [sys.argv[0], *head, "--", *tail]
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Configuration: the ``mcpServers`` JSON users already have, a TOML gateway file, the environment.
+
+Precedence: command-line flags > environment (``MCP_BASTION_*``) > TOML > defaults.
+Secret values are written as references (``env:NAME``, ``file:PATH``) and resolved
+only when a child is spawned or a request is sent, so they never sit in config dumps
+or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+
+from .core.names import valid_server_name
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+def resolve_secret(value: str) -> str:
+    """Resolve ``env:NAME`` and ``file:PATH`` references; any other value is literal."""
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ConfigError(f"secret reference env:{name}: variable is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        path = Path(value[5:]).expanduser()
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"secret reference file:{path}: {exc.strerror}") from None
+    return value
+
+
+def resolve_mapping(values: Mapping[str, str]) -> dict[str, str]:
+    return {k: resolve_secret(v) for k, v in values.items()}
+
+
+Isolation = Literal["shared", "session"]
+EraSetting = Literal["auto", "legacy", "modern"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One upstream server, from an ``mcpServers`` entry."""
+
+    name: str
+    transport: Literal["stdio", "http", "sse"]
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    isolation: Isolation = "shared"
+    era: EraSetting = "auto"
+    timeout: float = 30.0
+
+    def redacted(self) -> dict[str, Any]:
+        """What may be logged: no env or header values."""
+        out: dict[str, Any] = {"name": self.name, "transport": self.transport}
+        if self.command:
+            out["command"] = self.command
+        if self.url:
+            out["url"] = self.url
+        if self.env:
+            out["env"] = sorted(self.env)
+        if self.headers:
+            out["headers"] = sorted(self.headers)
+        return out
+
+
+def parse_server(name: str, entry: Any) -> ServerConfig:
+    where = f"server {name!r}"
+    if not valid_server_name(name):
+        raise ConfigError(f"{where}: names are 1-64 letters, digits, '-' or '.', starting with a letter or digit")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be an object")
+    kind = entry.get("transport", entry.get("type"))
+    isolation = entry.get("isolation", "shared")
+    if isolation not in ("shared", "session"):
+        raise ConfigError(f"{where}: isolation must be 'shared' or 'session'")
+    era = entry.get("era", "auto")
+    if era not in ("auto", "legacy", "modern"):
+        raise ConfigError(f"{where}: era must be 'auto', 'legacy' or 'modern'")
+    timeout = entry.get("timeout", 30.0)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    env = entry.get("env") or {}
+    headers = entry.get("headers") or {}
+    for label, mapping in (("env", env), ("headers", headers)):
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+        ):
+            raise ConfigError(f"{where}: {label} must map strings to strings")
+    common: dict[str, Any] = {"isolation": isolation, "era": era, "timeout": float(timeout)}
+    if "command" in entry:
+        if kind not in (None, "stdio"):
+            raise ConfigError(f"{where}: a 'command' entry is a stdio server, not {kind!r}")
+        args = entry.get("args") or []
+        if not isinstance(entry["command"], str) or not entry["command"]:
+            raise ConfigError(f"{where}: command must be a non-empty string")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ConfigError(f"{where}: args must be a list of strings")
+        cwd = entry.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise ConfigError(f"{where}: cwd must be a string")
+        return ServerConfig(
+            name, "stdio", command=entry["command"], args=tuple(args), env=env, cwd=cwd, **common
+        )
+    if "url" in entry:
+        url = entry["url"]
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: url must be an http:// or https:// URL")
+        transport: Literal["http", "sse"]
+        if kind in ("sse",):
+            transport = "sse"
+        elif kind in (None, "http", "streamable-http", "streamableHttp", "streamable_http"):
+            transport = "http"
+        else:
+            raise ConfigError(f"{where}: type/transport must be 'http' or 'sse', not {kind!r}")
+        return ServerConfig(name, transport, url=url, headers=headers, **common)
+    raise ConfigError(f"{where}: needs either 'command' (stdio) or 'url' (remote)")
+
+
+def parse_mcp_servers(data: Any, source: str = "config") -> list[ServerConfig]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected an object")
+    servers = data.get("mcpServers", data.get("servers"))
+    if not isinstance(servers, dict):
+        raise ConfigError(f'{source}: expected {{"mcpServers": {{...}}}}')
+    return [parse_server(name, entry) for name, entry in servers.items()]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Settings of the public edge; every field also reads MCP_BASTION_<FIELD> from the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    prefix_mode: Literal["always", "on-collision"] = "always"
+    separator: str = "_"
+    data_dir: str = ""
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_sessions: int = 10_000
+    session_idle_seconds: float = 1800.0
+    max_concurrent_per_session: int = 64
+    request_timeout_seconds: float = 300.0
+    keepalive_seconds: float = 15.0
+    log_level: str = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    def validated(self) -> GatewaySettings:
+        if self.prefix_mode not in ("always", "on-collision"):
+            raise ConfigError("prefix_mode must be 'always' or 'on-collision'")
+        if not self.separator or len(self.separator) > 4:
+            raise ConfigError("separator must be 1-4 characters")
+        for name in ("max_body_bytes", "max_sessions", "max_concurrent_per_session", "port"):
+            if getattr(self, name) < (0 if name == "port" else 1):
+                raise ConfigError(f"{name} must be positive")
+        return self
+
+
+def default_data_dir() -> str:
+    return os.environ.get("MCP_BASTION_DATA_DIR") or platformdirs.user_data_dir("mcp-bastion")
+
+
+def _coerce(name: str, current: Any, raw: Any) -> Any:
+    if isinstance(current, tuple):
+        if isinstance(raw, str):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if isinstance(raw, list):
+            return tuple(str(x) for x in raw)
+        raise ConfigError(f"{name}: expected a list")
+    if isinstance(current, bool):
+        return str(raw).lower() in ("1", "true", "yes", "on") if isinstance(raw, str) else bool(raw)
+    try:
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    return None if raw is None else str(raw)
+
+
+def apply(settings: GatewaySettings, values: Mapping[str, Any], source: str) -> GatewaySettings:
+    known = {f.name: f for f in fields(GatewaySettings)}
+    changes: dict[str, Any] = {}
+    for key, raw in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        changes[name] = _coerce(name, getattr(settings, name), raw)
+    return replace(settings, **changes)
+
+
+def from_environment(settings: GatewaySettings, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+    env = os.environ if environ is None else environ
+    values = {}
+    for f in fields(GatewaySettings):
+        key = "MCP_BASTION_" + f.name.upper()
+        if key in env:
+            values[f.name] = env[key]
+    return apply(settings, values, "environment")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    settings: GatewaySettings
+    servers: list[ServerConfig]
+
+
+def load_config_file(path: Path) -> LoadedConfig:
+    """Read a ``mcpServers`` JSON file or a TOML gateway file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        settings = GatewaySettings()
+        gateway = dict(data.get("gateway") or {})
+        gateway.update(data.get("limits") or {})
+        servers_file = gateway.pop("servers_file", None) or gateway.pop("mcp_servers_file", None)
+        settings = apply(settings, gateway, str(path))
+        servers: list[ServerConfig] = []
+        if servers_file:
+            json_path = (path.parent / str(servers_file)).resolve()
+            servers.extend(load_config_file(json_path).servers)
+        inline = data.get("servers") or data.get("mcpServers") or {}
+        servers.extend(parse_mcp_servers({"mcpServers": inline}, str(path)) if inline else [])
+        return LoadedConfig(settings, servers)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    return LoadedConfig(GatewaySettings(), parse_mcp_servers(data, str(path)))

@@ -1,0 +1,867 @@
+"""The message router: one endpoint's view of one or many upstream servers.
+
+A :class:`Hub` answers a downstream peer's requests by forwarding them to the right
+upstream channel (renaming in aggregation, translating between eras where the
+upstream does not speak the client's) and routes what upstreams send back. One
+:class:`ServerEntry` per configured server owns its channels; hubs share entries,
+so ``/servers/<name>/mcp`` and the aggregate ``/mcp`` use the same children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+
+from . import __version__
+from .config import ServerConfig
+from .core import jsonrpc as rpc
+from .core.eras import (
+    LATEST_MODERN,
+    META_CLIENT_CAPABILITIES,
+    META_CLIENT_INFO,
+    META_LOG_LEVEL,
+    META_PROTOCOL_VERSION,
+    META_SERVER_INFO,
+    META_SUBSCRIPTION_ID,
+    negotiate_handshake,
+)
+from .core.forward import Broadcast, Delivery, Event, ServerRequest
+from .core.names import NameMap, PrefixMode, UriMap
+from .core.sealing import StateSealer
+from .peers import CallRoute, Peer, level_index
+from .upstream.base import Channel, Era, UpstreamUnavailable, modern_meta
+from .upstream.factory import make_channel
+
+log = structlog.get_logger("mcp_bastion.hub")
+
+LIST_METHODS = {
+    "tools/list": "tools",
+    "prompts/list": "prompts",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+}
+CACHEABLE = {*LIST_METHODS, "resources/read", "server/discover"}
+ENVELOPE_KEYS = (META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL)
+MRTR_HOLD_SECONDS = 300.0
+
+
+class HeldCall:
+    """A legacy upstream call paused on server requests while a modern client answers them."""
+
+    def __init__(self, handle: str, channel: Channel, up_id: rpc.RequestId, route: CallRoute) -> None:
+        self.handle = handle
+        self.channel = channel
+        self.up_id = up_id
+        self.route = route
+        self.outstanding: dict[str, rpc.RequestId] = {}  # input key -> upstream server-request id
+        self.expires = time.monotonic() + MRTR_HOLD_SECONDS
+
+
+class ServerEntry:
+    """One configured upstream server and its channels (per era; per session if isolated)."""
+
+    def __init__(self, config: ServerConfig, on_events: Callable[[Channel, list[Event]], None]) -> None:
+        self.config = config
+        self.name = config.name
+        self.on_events = on_events
+        self.channels: dict[Era, Channel] = {}
+        self.modern: bool | None = None if config.era == "auto" else config.era == "modern"
+        if config.transport == "sse":
+            self.modern = False  # HTTP+SSE predates the 2026-07-28 era
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.list_cache: dict[str, list[dict[str, Any]]] = {}
+        self.last_error: str | None = None
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def _open(self, era: Era) -> Channel:
+        ch = make_channel(self.config, era, self.on_events)
+        ch.on_ready = self._on_ready
+        try:
+            await ch.start()
+        except UpstreamUnavailable as exc:
+            self.last_error = str(exc)
+            await ch.close()
+            raise
+        self.last_error = None
+        return ch
+
+    def _on_ready(self, channel: Channel) -> None:
+        # A (re)started channel: cached lists may be stale.
+        self.list_cache.clear()
+
+    def era_for(self, wanted: Era) -> Era:
+        if wanted == "modern" and self.modern is False:
+            return "legacy"
+        if wanted == "legacy" and self.config.era == "modern":
+            return "modern"
+        return wanted
+
+    async def channel(self, wanted: Era, peer: Peer | None = None) -> Channel:
+        """The channel to use for a peer of era ``wanted`` (translating if the upstream can't)."""
+        era = self.era_for(wanted)
+        isolated = self.config.isolation == "session" and peer is not None and peer.era == "legacy"
+        if isolated:
+            assert peer is not None
+            ch = peer.hub_channels.get(self.name)
+            if ch is not None and not ch.closed:
+                return ch
+        else:
+            ch = self.channels.get(era)
+            if ch is not None and not ch.closed:
+                await self._wait_ready(ch)
+                return ch
+        key = f"{era}:{peer.id if isolated and peer else ''}"
+        async with self._lock(key):
+            if not isolated:
+                ch = self.channels.get(era)
+                if ch is not None and not ch.closed:
+                    await self._wait_ready(ch)
+                    return ch
+            try:
+                ch = await self._open(era)
+            except UpstreamUnavailable:
+                if era == "modern" and self.config.era == "auto":
+                    log.info("upstream_not_modern", server=self.name)
+                    self.modern = False
+                    return await self.channel("legacy", peer)
+                raise
+            if era == "modern":
+                self.modern = True
+            if isolated:
+                assert peer is not None
+                peer.hub_channels[self.name] = ch
+            else:
+                self.channels[era] = ch
+            return ch
+
+    async def _wait_ready(self, ch: Channel) -> None:
+        if ch.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(ch.ready.wait(), self.config.timeout)
+        except TimeoutError:
+            raise UpstreamUnavailable(f"upstream {self.name!r} is not available") from None
+
+    def ready(self) -> bool:
+        return any(ch.ready.is_set() for ch in self.channels.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self.channels.values()), return_exceptions=True)
+        self.channels.clear()
+
+
+class Hub:
+    """One MCP endpoint over a set of servers."""
+
+    def __init__(
+        self,
+        path: str,
+        entries: list[ServerEntry],
+        *,
+        prefix_mode: PrefixMode,
+        separator: str = "_",
+        sealer: StateSealer,
+        page_size: int = 500,
+        request_timeout: float = 300.0,
+    ) -> None:
+        self.path = path
+        self.entries = {e.name: e for e in entries}
+        self.single = len(entries) == 1
+        mode: PrefixMode = "none" if self.single else prefix_mode
+        self.tools = NameMap(mode, separator)
+        self.prompts = NameMap(mode, separator)
+        self.uris = UriMap(mode)
+        self.sealer = sealer
+        self.page_size = page_size
+        self.request_timeout = request_timeout
+        self.peers: set[Peer] = set()
+        self.held: dict[str, HeldCall] = {}
+        self.tool_schemas: dict[str, Any] = {}  # exposed tool name -> inputSchema, as last listed
+
+    async def tool_schema(self, name: str) -> Any:
+        """The input schema of a tool as last listed (for Mcp-Param-* checks), if known."""
+        return self.tool_schemas.get(name)
+
+    def _remember_tools(self, tools: Any) -> None:
+        if isinstance(tools, list):
+            for t in tools:
+                if isinstance(t, dict) and isinstance(t.get("name"), str):
+                    self.tool_schemas[t["name"]] = t.get("inputSchema")
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, peer: Peer) -> None:
+        self.peers.add(peer)
+
+    async def detach(self, peer: Peer) -> None:
+        """A session ended or an exchange closed: cancel its calls upstream."""
+        self.peers.discard(peer)
+        for down_id in list(peer.inflight):
+            await self.cancel(peer, down_id, "client went away")
+        for ch in list(peer.hub_channels.values()):
+            await ch.close()
+        peer.hub_channels.clear()
+
+    async def cancel(self, peer: Peer, down_id: rpc.RequestId, reason: str | None = None) -> None:
+        hit = peer.inflight.pop(down_id, None)
+        if hit is None:
+            return
+        channel, up_id = hit
+        note = channel.state.cancel(up_id, reason)
+        if note is not None:
+            with contextlib.suppress(Exception):
+                await channel.send(note)
+
+    # ------------------------------------------------------------------ events from upstreams
+    def on_events(self, channel: Channel, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, Delivery):
+                route = ev.route
+                if isinstance(route, CallRoute):
+                    if ev.final:
+                        route.queue.put_nowait(("final", ev.message))
+                    else:
+                        route.deliver(ev.message, ev.related)
+            elif isinstance(ev, ServerRequest):
+                self._server_request(channel, ev)
+            elif isinstance(ev, Broadcast):
+                self._broadcast(channel, ev.message)
+
+    def _server_request(self, channel: Channel, ev: ServerRequest) -> None:
+        method = ev.message.get("method")
+        if method == "ping":
+            asyncio.ensure_future(channel.send(rpc.result(ev.up_id, {})))
+            return
+        route = ev.route
+        if isinstance(route, CallRoute) and route.peer.era == "modern":
+            route.queue.put_nowait(("request", ev))
+            return
+        peer = route.peer if isinstance(route, CallRoute) else self._any_legacy_peer()
+        if peer is None or peer.closed:
+            err = rpc.error(ev.up_id, rpc.METHOD_NOT_FOUND, f"no client connected to answer {method}")
+            asyncio.ensure_future(channel.send(err))
+            return
+        down_id = peer.next_request_id()
+        peer.server_requests[down_id] = (channel, ev.up_id)
+        out = {**ev.message, "id": down_id}
+        peer.deliver(out, ev.related)
+
+    def has_legacy_peer(self) -> bool:
+        return self._any_legacy_peer() is not None
+
+    def _any_legacy_peer(self) -> Peer | None:
+        for p in self.peers:
+            if p.era == "legacy" and not p.closed:
+                return p
+        return None
+
+    def _broadcast(self, channel: Channel, message: rpc.Message) -> None:
+        method = message.get("method", "")
+        params = rpc.params_of(message)
+        server = channel.server
+        entry = self.entries.get(server)
+        if entry is None:
+            return
+        if method.endswith("/list_changed"):
+            entry.list_cache.clear()
+            kind = method.split("/")[1]
+            flag = {"tools": "toolsListChanged", "prompts": "promptsListChanged", "resources": "resourcesListChanged"}
+            for peer in list(self.peers):
+                if peer.era == "legacy":
+                    peer.deliver(message, None)
+                else:
+                    for listen_id, wants in peer.listen.items():
+                        if wants.get(flag.get(kind, "")):
+                            note = {**message, "params": {**params, "_meta": {META_SUBSCRIPTION_ID: listen_id}}}
+                            peer.deliver(note, listen_id)
+        elif method == "notifications/resources/updated":
+            uri = self.uris.expose(server, str(params.get("uri", "")))
+            note = {**message, "params": {**params, "uri": uri}}
+            for peer in list(self.peers):
+                if uri in peer.subscriptions:
+                    if peer.era == "legacy":
+                        peer.deliver(note, None)
+                    else:
+                        for listen_id, wants in peer.listen.items():
+                            if uri in wants.get("resourceSubscriptions", []):
+                                tagged = {**note, "params": {**note["params"], "_meta": {META_SUBSCRIPTION_ID: listen_id}}}
+                                peer.deliver(tagged, listen_id)
+        elif method == "notifications/message":
+            for peer in list(self.peers):
+                if peer.era == "legacy" and peer.wants_log(params.get("level")):
+                    peer.deliver(message, None)
+        elif method == "notifications/cancelled":
+            up_id = params.get("requestId")
+            for peer in list(self.peers):
+                for down_id, target in list(peer.server_requests.items()):
+                    if isinstance(target, tuple) and target[0] is channel and target[1] == up_id:
+                        del peer.server_requests[down_id]
+                        peer.deliver({**message, "params": {**params, "requestId": down_id}}, None)
+
+    # ------------------------------------------------------------------ downstream input
+    async def client_response(self, peer: Peer, message: rpc.Message) -> None:
+        """A client's answer to a request an upstream made of it."""
+        target = peer.server_requests.pop(message["id"], None)
+        if target is None:
+            return
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                target.set_result(message)
+            return
+        channel, up_id = target
+        await channel.send(channel.state.answer_server_request(up_id, message))
+
+    async def client_notification(self, peer: Peer, message: rpc.Message) -> None:
+        method = message["method"]
+        params = rpc.params_of(message)
+        if method == "notifications/cancelled":
+            await self.cancel(peer, params.get("requestId"), params.get("reason"))
+        elif method == "notifications/roots/list_changed":
+            for entry in self.entries.values():
+                for ch in [*entry.channels.values(), *peer.hub_channels.values()]:
+                    if ch.era == "legacy" and ch.ready.is_set():
+                        await ch.send(message)
+        # notifications/initialized and anything else: nothing to forward.
+
+    async def request(self, peer: Peer, message: rpc.Message) -> rpc.Message:
+        """Answer one downstream request; always returns a response message."""
+        down_id = message["id"]
+        try:
+            result = await self._dispatch(peer, message)
+        except rpc.ProtocolError as exc:
+            return exc.to_message(down_id)
+        except UpstreamUnavailable as exc:
+            return rpc.error(down_id, rpc.UPSTREAM_UNAVAILABLE, str(exc))
+        return result
+
+    async def _dispatch(self, peer: Peer, message: rpc.Message) -> rpc.Message:
+        method: str = message["method"]
+        params = rpc.params_of(message)
+        down_id = message["id"]
+        if method == "initialize":
+            return rpc.result(down_id, await self._initialize(peer, params))
+        if method == "ping":
+            return rpc.result(down_id, {})
+        if method == "server/discover":
+            return rpc.result(down_id, await self._discover(peer))
+        if method == "logging/setLevel" and peer.era == "legacy":
+            return await self._set_level(peer, message)
+        if method in LIST_METHODS and not self.single:
+            return rpc.result(down_id, await self._merged_list(peer, method, params))
+        if method == "subscriptions/listen" and not (self.single and await self._modern_passthrough(peer)):
+            return await self._listen(peer, message)
+        if method in ("resources/subscribe", "resources/unsubscribe"):
+            return await self._subscribe(peer, message)
+        server, rewritten = self._target(method, message)
+        return await self.forward(peer, server, rewritten, method)
+
+    def _target(self, method: str, message: rpc.Message) -> tuple[str, rpc.Message]:
+        """Which server a request is for, and the request as that server must see it."""
+        params = rpc.params_of(message)
+        servers = list(self.entries)
+        if self.single:
+            return servers[0], message
+        found: tuple[str, str] | None = None
+        if method in ("tools/call", "prompts/get"):
+            names = self.tools if method == "tools/call" else self.prompts
+            found = names.resolve(str(params.get("name", "")), servers)
+            if found is None:
+                kind = "tool" if method == "tools/call" else "prompt"
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Unknown {kind}: {params.get('name')}")
+            return found[0], {**message, "params": {**params, "name": found[1]}}
+        if method == "resources/read":
+            found = self.uris.resolve(str(params.get("uri", "")), servers)
+            if found is None:
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Resource not found: {params.get('uri')}")
+            return found[0], {**message, "params": {**params, "uri": found[1]}}
+        if method == "completion/complete":
+            ref = params.get("ref") if isinstance(params.get("ref"), dict) else {}
+            assert isinstance(ref, dict)
+            if ref.get("type") == "ref/prompt":
+                found = self.prompts.resolve(str(ref.get("name", "")), servers)
+                if found:
+                    new_ref = {**ref, "name": found[1]}
+            else:
+                found = self.uris.resolve(str(ref.get("uri", "")), servers)
+                if found:
+                    new_ref = {**ref, "uri": found[1]}
+            if found is None:
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, "completion/complete: unknown reference")
+            return found[0], {**message, "params": {**params, "ref": new_ref}}
+        raise rpc.ProtocolError(rpc.METHOD_NOT_FOUND, f"Method not found: {method}", http_status=404)
+
+    async def _modern_passthrough(self, peer: Peer) -> bool:
+        if peer.era != "modern":
+            return False
+        entry = next(iter(self.entries.values()))
+        ch = await entry.channel("modern", peer)
+        return ch.era == "modern"
+
+    # ------------------------------------------------------------------ forwarding
+    async def forward(
+        self, peer: Peer, server: str, message: rpc.Message, method: str, route: CallRoute | None = None
+    ) -> rpc.Message:
+        """Send one request to a server, in its era, and return the (translated) answer."""
+        entry = self.entries[server]
+        channel = await entry.channel(peer.era, peer)
+        down_id = message["id"]
+        route = route or CallRoute(owner=self, peer=peer, down_id=down_id)
+        out = self._to_upstream(peer, channel, message, route)
+        if channel.era == "legacy" and peer.era == "modern" and method == "tools/call":
+            return await self._held_call(peer, channel, out, route, message)
+        reply = await self._exchange(peer, channel, out, route)
+        return self._from_upstream(peer, channel, server, method, reply)
+
+    def _to_upstream(self, peer: Peer, channel: Channel, message: rpc.Message, route: CallRoute) -> rpc.Message:
+        params = rpc.params_of(message)
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else None
+        if peer.era == "modern":
+            route.modern_log_level = (meta or {}).get(META_LOG_LEVEL)
+        if channel.era == "legacy" and peer.era == "modern" and meta is not None:
+            stripped = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
+            new_params = {k: v for k, v in params.items() if k not in ("_meta", "inputResponses", "requestState")}
+            if stripped:
+                new_params["_meta"] = stripped
+            return {**message, "params": new_params}
+        if channel.era == "modern" and peer.era == "legacy":
+            envelope = modern_meta(peer.client_capabilities, peer.client_info)
+            if peer.log_level is not None:
+                envelope[META_LOG_LEVEL] = peer.log_level
+            return {**message, "params": {**params, "_meta": {**(meta or {}), **envelope}}}
+        return message
+
+    async def _exchange(
+        self, peer: Peer, channel: Channel, message: rpc.Message, route: CallRoute
+    ) -> rpc.Message:
+        """Forward one request and wait for its final answer (answering MRTR for legacy peers)."""
+        down_id = message["id"]
+        while True:
+            up = channel.state.forward_request(route, message, accepts_requests=True)
+            peer.inflight[down_id] = (channel, up["id"])
+            await channel.send(up)
+            try:
+                kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+            except TimeoutError:
+                await self.cancel(peer, down_id, "timed out")
+                return rpc.error(down_id, rpc.REQUEST_TIMEOUT, f"upstream {channel.server!r} did not answer in time")
+            finally:
+                peer.inflight.pop(down_id, None)
+            if kind != "final":
+                continue
+            reply: rpc.Message = payload
+            result = reply.get("result")
+            if (
+                channel.era == "modern"
+                and peer.era == "legacy"
+                and isinstance(result, dict)
+                and result.get("resultType") == "input_required"
+            ):
+                message = await self._answer_input_requests(peer, message, result)
+                continue
+            return reply
+
+    async def _answer_input_requests(
+        self, peer: Peer, message: rpc.Message, result: dict[str, Any]
+    ) -> rpc.Message:
+        """A modern upstream asked for input: ask the legacy client, then retry with the answers."""
+        requests = result.get("inputRequests") or {}
+        answers: dict[str, Any] = {}
+
+        async def ask(key: str, req: dict[str, Any]) -> None:
+            fut: asyncio.Future[rpc.Message] = asyncio.get_running_loop().create_future()
+            rid = peer.next_request_id()
+            peer.server_requests[rid] = fut
+            peer.deliver(rpc.request(rid, str(req.get("method")), req.get("params") or {}), message["id"])
+            reply = await asyncio.wait_for(fut, self.request_timeout)
+            if "error" in reply:
+                raise rpc.ProtocolError(reply["error"].get("code", rpc.INTERNAL_ERROR), reply["error"].get("message", ""))
+            answers[key] = reply.get("result", {})
+
+        await asyncio.gather(*(ask(k, v) for k, v in requests.items() if isinstance(v, dict)))
+        params = dict(rpc.params_of(message))
+        params["inputResponses"] = answers
+        if "requestState" in result:
+            params["requestState"] = result["requestState"]
+        else:
+            params.pop("requestState", None)
+        return {**message, "params": params}
+
+    async def _held_call(
+        self, peer: Peer, channel: Channel, out: rpc.Message, route: CallRoute, original: rpc.Message
+    ) -> rpc.Message:
+        """tools/call from a modern client to a legacy upstream: server requests become input_required."""
+        params = rpc.params_of(original)
+        down_id = original["id"]
+        binding = f"{self.path}|tools/call|{params.get('name')}"
+        state = params.get("requestState")
+        held: HeldCall | None = None
+        if state is not None or "inputResponses" in params:
+            handle = self.sealer.open(state, binding, time.time())
+            held = self.held.get(handle) if handle else None
+            if held is None:
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, "Invalid or expired requestState")
+            responses = params.get("inputResponses")
+            if not isinstance(responses, dict) or set(held.outstanding) - set(responses):
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, "inputResponses must answer every input request")
+            route = held.route
+            route.peer = peer
+            route.down_id = down_id
+            channel = held.channel
+            channel.state.reroute(held.up_id, route, down_id)
+            for key, up_req_id in held.outstanding.items():
+                await channel.send(rpc.result(up_req_id, responses[key]))
+            held.outstanding.clear()
+        else:
+            up = channel.state.forward_request(route, out, accepts_requests=True)
+            handle = secrets.token_urlsafe(16)
+            held = HeldCall(handle, channel, up["id"], route)
+            await channel.send(up)
+        peer.inflight[down_id] = (channel, held.up_id)
+        try:
+            kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+            # Server requests that arrive together are answered together.
+            batch = [(kind, payload)]
+            if kind == "request":
+                await asyncio.sleep(0.01)
+                while not route.queue.empty():
+                    batch.append(route.queue.get_nowait())
+        except TimeoutError:
+            self.held.pop(held.handle, None)
+            await self.cancel(peer, down_id, "timed out")
+            return rpc.error(down_id, rpc.REQUEST_TIMEOUT, "upstream did not answer in time")
+        finally:
+            peer.inflight.pop(down_id, None)
+        finals = [p for k, p in batch if k == "final"]
+        if finals:
+            self.held.pop(held.handle, None)
+            return self._from_upstream(peer, channel, channel.server, "tools/call", finals[0])
+        input_requests: dict[str, Any] = {}
+        for n, (_, ev) in enumerate(batch):
+            key = f"input-{held.up_id}-{len(held.outstanding) + n}"
+            held.outstanding[key] = ev.up_id
+            input_requests[key] = {"method": ev.message["method"], "params": ev.message.get("params", {})}
+        self.held[held.handle] = held
+        # Keep the upstream call alive but attached to no exchange until the retry.
+        channel.state.reroute(held.up_id, route, down_id)
+        self._expire_held()
+        return rpc.result(
+            down_id,
+            {
+                "resultType": "input_required",
+                "inputRequests": input_requests,
+                "requestState": self.sealer.seal(held.handle, binding, time.time() + MRTR_HOLD_SECONDS),
+            },
+        )
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        for handle, held in list(self.held.items()):
+            if held.expires < now:
+                del self.held[handle]
+                note = held.channel.state.cancel(held.up_id, "input was never provided")
+                if note is not None:
+                    asyncio.ensure_future(held.channel.send(note))
+
+    def _from_upstream(
+        self, peer: Peer, channel: Channel, server: str, method: str, reply: rpc.Message
+    ) -> rpc.Message:
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            return reply
+        out = result
+        if method in ("tools/list", "prompts/list", "resources/list", "resources/templates/list"):
+            out = self._rename_list(server, method, result)
+            if method == "tools/list":
+                self._remember_tools(out.get("tools"))
+        if channel.era == "legacy" and peer.era == "modern":
+            out = {**out, "resultType": out.get("resultType", "complete")}
+            if method in CACHEABLE:
+                out.setdefault("ttlMs", 0)
+                out.setdefault("cacheScope", "private")
+            meta = out.get("_meta") if isinstance(out.get("_meta"), dict) else {}
+            out["_meta"] = {**(meta or {}), META_SERVER_INFO: self._server_info(channel)}
+        elif channel.era == "modern" and peer.era == "legacy":
+            out = {k: v for k, v in out.items() if k not in ("resultType", "ttlMs", "cacheScope")}
+        if out is result:
+            return reply
+        return {**reply, "result": out}
+
+    def _rename_list(self, server: str, method: str, result: dict[str, Any]) -> dict[str, Any]:
+        if self.single:
+            return result
+        key = LIST_METHODS[method]
+        items = result.get(key)
+        if not isinstance(items, list):
+            return result
+        renamed = [self._rename_item(server, key, it) for it in items if isinstance(it, dict)]
+        return {**result, key: renamed}
+
+    def _rename_item(self, server: str, key: str, item: dict[str, Any]) -> dict[str, Any]:
+        if key == "tools":
+            return {**item, "name": self.tools.expose(server, str(item.get("name", "")))}
+        if key == "prompts":
+            return {**item, "name": self.prompts.expose(server, str(item.get("name", "")))}
+        if key == "resources":
+            return {**item, "uri": self.uris.expose(server, str(item.get("uri", "")))}
+        return {**item, "uriTemplate": self.uris.expose(server, str(item.get("uriTemplate", "")))}
+
+    def _server_info(self, channel: Channel) -> Any:
+        if self.single:
+            info = channel.init_result.get("serverInfo")
+            if info is None:
+                info = (channel.init_result.get("_meta") or {}).get(META_SERVER_INFO)
+            if info is not None:
+                return info
+        return {"name": "mcp-bastion", "version": __version__}
+
+    # ------------------------------------------------------------------ local methods
+    async def _initialize(self, peer: Peer, params: dict[str, Any]) -> dict[str, Any]:
+        peer.protocol_version = negotiate_handshake(params.get("protocolVersion"))
+        caps = params.get("capabilities")
+        peer.client_capabilities = caps if isinstance(caps, dict) else {}
+        peer.client_info = params.get("clientInfo")
+        if self.single:
+            entry = next(iter(self.entries.values()))
+            ch = await entry.channel("legacy", peer)
+            init = ch.init_result
+            if ch.era == "modern":
+                return {
+                    "protocolVersion": peer.protocol_version,
+                    "capabilities": init.get("capabilities", {}),
+                    "serverInfo": self._server_info(ch),
+                    **({"instructions": init["instructions"]} if "instructions" in init else {}),
+                }
+            out = {k: v for k, v in init.items() if k != "protocolVersion"}
+            out["protocolVersion"] = peer.protocol_version
+            return out
+        caps_all, instructions = await self._aggregate_capabilities(peer)
+        out = {
+            "protocolVersion": peer.protocol_version,
+            "capabilities": caps_all,
+            "serverInfo": {"name": "mcp-bastion", "version": __version__},
+        }
+        if instructions:
+            out["instructions"] = instructions
+        return out
+
+    async def _aggregate_capabilities(self, peer: Peer) -> tuple[dict[str, Any], str]:
+        caps: dict[str, Any] = {"logging": {}}
+        notes: list[str] = []
+
+        async def one(entry: ServerEntry) -> None:
+            try:
+                ch = await entry.channel(peer.era, peer)
+            except UpstreamUnavailable:
+                return
+            c = ch.init_result.get("capabilities") or {}
+            for kind in ("tools", "prompts", "resources"):
+                if kind in c:
+                    caps.setdefault(kind, {})["listChanged"] = True
+            if isinstance(c.get("resources"), dict) and c["resources"].get("subscribe"):
+                caps["resources"]["subscribe"] = True
+            if "completions" in c:
+                caps["completions"] = {}
+            if ch.init_result.get("instructions"):
+                notes.append(f"[{entry.name}] {ch.init_result['instructions']}")
+
+        await asyncio.gather(*(one(e) for e in self.entries.values()))
+        return caps, "\n\n".join(sorted(notes))
+
+    async def _discover(self, peer: Peer) -> dict[str, Any]:
+        if self.single:
+            entry = next(iter(self.entries.values()))
+            ch = await entry.channel("modern", peer)
+            if ch.era == "modern":
+                return ch.init_result
+            init = ch.init_result
+            out: dict[str, Any] = {
+                "resultType": "complete",
+                "supportedVersions": [LATEST_MODERN],
+                "capabilities": init.get("capabilities", {}),
+                "_meta": {META_SERVER_INFO: self._server_info(ch)},
+                "ttlMs": 0,
+                "cacheScope": "private",
+            }
+            if init.get("instructions"):
+                out["instructions"] = init["instructions"]
+            return out
+        caps, instructions = await self._aggregate_capabilities(peer)
+        result = {
+            "resultType": "complete",
+            "supportedVersions": [LATEST_MODERN],
+            "capabilities": caps,
+            "_meta": {META_SERVER_INFO: {"name": "mcp-bastion", "version": __version__}},
+            "ttlMs": 0,
+            "cacheScope": "private",
+        }
+        if instructions:
+            result["instructions"] = instructions
+        return result
+
+    async def _set_level(self, peer: Peer, message: rpc.Message) -> rpc.Message:
+        level = rpc.params_of(message).get("level")
+        if level_index(level) == 0 and level != "debug":
+            return rpc.error(message["id"], rpc.INVALID_PARAMS, f"Invalid log level: {level!r}")
+        peer.log_level = str(level)
+        # The shared upstream logs at the most verbose level any of its sessions wants;
+        # each session's own level is applied when the gateway delivers.
+        levels = [p.log_level for p in self.peers if p.era == "legacy" and p.log_level]
+        lowest = min(levels, key=level_index) if levels else peer.log_level
+        last: rpc.Message = rpc.result(message["id"], {})
+        for name in self.entries:
+            entry = self.entries[name]
+            try:
+                ch = await entry.channel("legacy", peer)
+            except UpstreamUnavailable:
+                continue
+            if ch.era != "legacy" or "logging" not in (ch.init_result.get("capabilities") or {}):
+                continue
+            fwd = {**message, "params": {**rpc.params_of(message), "level": lowest}}
+            reply = await self._exchange(peer, ch, fwd, CallRoute(owner=self, peer=peer, down_id=message["id"]))
+            if "error" in reply and self.single:
+                last = reply
+        return last
+
+    async def _subscribe(self, peer: Peer, message: rpc.Message) -> rpc.Message:
+        method = message["method"]
+        uri = str(rpc.params_of(message).get("uri", ""))
+        if method == "resources/subscribe":
+            peer.subscriptions.add(uri)
+        else:
+            peer.subscriptions.discard(uri)
+        server, rewritten = (next(iter(self.entries)), message) if self.single else self._route_uri(message, uri)
+        entry = self.entries[server]
+        ch = await entry.channel("legacy", peer)
+        if ch.era != "legacy":
+            return rpc.result(message["id"], {})
+        return await self._exchange(peer, ch, rewritten, CallRoute(owner=self, peer=peer, down_id=message["id"]))
+
+    def _route_uri(self, message: rpc.Message, uri: str) -> tuple[str, rpc.Message]:
+        found = self.uris.resolve(uri, list(self.entries))
+        if found is None:
+            raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Resource not found: {uri}")
+        params = rpc.params_of(message)
+        return found[0], {**message, "params": {**params, "uri": found[1]}}
+
+    async def _listen(self, peer: Peer, message: rpc.Message) -> rpc.Message:
+        """subscriptions/listen served by the gateway (aggregate, or a legacy upstream)."""
+        params = rpc.params_of(message)
+        wanted = params.get("notifications") if isinstance(params.get("notifications"), dict) else {}
+        assert isinstance(wanted, dict)
+        honoured: dict[str, Any] = {}
+        for flag in ("toolsListChanged", "promptsListChanged", "resourcesListChanged"):
+            if wanted.get(flag):
+                honoured[flag] = True
+        uris = [u for u in wanted.get("resourceSubscriptions") or [] if isinstance(u, str)]
+        if uris:
+            honoured["resourceSubscriptions"] = uris
+        listen_id = message["id"]
+        peer.listen[listen_id] = honoured
+        for uri in uris:
+            peer.subscriptions.add(uri)
+            server, sub = (next(iter(self.entries)), None) if self.single else (None, None)
+            with contextlib.suppress(rpc.ProtocolError, UpstreamUnavailable):
+                req = rpc.request(listen_id, "resources/subscribe", {"uri": uri})
+                server, sub = (server, req) if server else self._route_uri(req, uri)
+                ch = await self.entries[server].channel("legacy", peer)
+                if ch.era == "legacy":
+                    await self._exchange(peer, ch, sub, CallRoute(owner=self, peer=peer, down_id=f"sub-{listen_id}"))
+        ack = rpc.notification(
+            "notifications/subscriptions/acknowledged",
+            {"notifications": honoured, "_meta": {META_SUBSCRIPTION_ID: listen_id}},
+        )
+        peer.deliver(ack, listen_id)
+        try:
+            await asyncio.Event().wait()  # held open until the client closes the stream
+        finally:
+            peer.listen.pop(listen_id, None)
+        return rpc.result(listen_id, {"resultType": "complete"})
+
+    # ------------------------------------------------------------------ aggregation
+    async def _server_list(self, peer: Peer, entry: ServerEntry, method: str) -> list[dict[str, Any]]:
+        cache_key = f"{method}|{peer.era}"
+        if cache_key in entry.list_cache:
+            return entry.list_cache[cache_key]
+        key = LIST_METHODS[method]
+        items: list[dict[str, Any]] = []
+        cursor: Any = None
+        ch = await entry.channel(peer.era, peer)
+        caps = ch.init_result.get("capabilities") or {}
+        if key.startswith("resource") and "resources" not in caps or key in ("tools", "prompts") and key not in caps:
+            return []
+        for _ in range(1000):
+            params: dict[str, Any] = {}
+            if cursor is not None:
+                params["cursor"] = cursor
+            if ch.era == "modern":
+                params["_meta"] = modern_meta(peer.client_capabilities or None, peer.client_info)
+            reply = await ch.call(method, params, self.request_timeout)
+            page = reply.get(key) if isinstance(reply, dict) else None
+            if isinstance(page, list):
+                items.extend(i for i in page if isinstance(i, dict))
+            cursor = reply.get("nextCursor") if isinstance(reply, dict) else None
+            if cursor is None:
+                break
+        entry.list_cache[cache_key] = items
+        return items
+
+    async def refresh_names(self, peer: Peer) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+        async def one(entry: ServerEntry) -> None:
+            got: dict[str, list[dict[str, Any]]] = {}
+            for method in LIST_METHODS:
+                try:
+                    got[method] = await self._server_list(peer, entry, method)
+                except UpstreamUnavailable as exc:
+                    log.warning("upstream_list_failed", server=entry.name, method=method, error=str(exc))
+                    got[method] = []
+            lists[entry.name] = got
+
+        await asyncio.gather(*(one(e) for e in self.entries.values()))
+        self.tools.rebuild({s: [str(t.get("name")) for t in v["tools/list"]] for s, v in lists.items()})
+        self.prompts.rebuild({s: [str(t.get("name")) for t in v["prompts/list"]] for s, v in lists.items()})
+        self.uris.rebuild(
+            {s: [str(t.get("uri")) for t in v["resources/list"]] for s, v in lists.items()},
+            {s: [str(t.get("uriTemplate")) for t in v["resources/templates/list"]] for s, v in lists.items()},
+        )
+        return lists
+
+    async def _merged_list(self, peer: Peer, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        lists = await self.refresh_names(peer)
+        key = LIST_METHODS[method]
+        merged: list[dict[str, Any]] = []
+        for server in sorted(lists):
+            merged.extend(self._rename_item(server, key, it) for it in lists[server][method])
+        if key == "tools":
+            merged.sort(key=lambda t: str(t.get("name")))
+        offset = 0
+        cursor = params.get("cursor")
+        if cursor is not None:
+            try:
+                offset = int(orjson.loads(base64.urlsafe_b64decode(str(cursor)))["o"])
+            except Exception:
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, "Invalid cursor") from None
+            if offset < 0 or offset > len(merged):
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, "Invalid cursor")
+        page = merged[offset : offset + self.page_size]
+        if key == "tools":
+            self._remember_tools(page)
+        out: dict[str, Any] = {key: page}
+        if offset + self.page_size < len(merged):
+            out["nextCursor"] = base64.urlsafe_b64encode(orjson.dumps({"o": offset + self.page_size})).decode()
+        if peer.era == "modern":
+            out.update({"resultType": "complete", "ttlMs": 0, "cacheScope": "private"})
+        return out
+
+
+RequestHandler = Callable[[Peer, rpc.Message], Awaitable[rpc.Message]]

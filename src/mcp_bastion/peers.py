@@ -1,0 +1,79 @@
+"""Downstream parties: a handshake-era session, or one 2026-07-28 request exchange.
+
+A peer is whatever the transports deliver messages to. Transports subclass it and
+implement :meth:`Peer.deliver`; the hub only ever calls that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .core import jsonrpc as rpc
+
+if TYPE_CHECKING:
+    from .upstream.base import Channel
+
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+def level_index(level: Any) -> int:
+    return LOG_LEVELS.index(level) if level in LOG_LEVELS else 0
+
+
+class Peer:
+    """Base for sessions and exchanges."""
+
+    era: Literal["legacy", "modern"] = "legacy"
+
+    def __init__(self, peer_id: str, protocol_version: str) -> None:
+        self.id = peer_id
+        self.protocol_version = protocol_version
+        self.client_capabilities: dict[str, Any] = {}
+        self.client_info: Any = None
+        self.log_level: str | None = None
+        self.subscriptions: set[str] = set()
+        self.listen: dict[rpc.RequestId, dict[str, Any]] = {}  # modern listen id -> what it wants
+        # In-flight requests of this peer: downstream id -> (channel, upstream id).
+        self.inflight: dict[rpc.RequestId, tuple[Channel, rpc.RequestId]] = {}
+        # Requests an upstream made of this peer: downstream id -> (channel, upstream id) or future.
+        self.server_requests: dict[rpc.RequestId, tuple[Channel, rpc.RequestId] | asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self.closed = False
+        self.hub_channels: dict[str, Channel] = {}  # isolated channels owned by this peer
+
+    def next_request_id(self) -> str:
+        return f"b{next(self._ids)}"
+
+    def deliver(self, message: rpc.Message, related: rpc.RequestId | None, final: bool = False) -> None:
+        raise NotImplementedError
+
+    def wants_log(self, level: Any) -> bool:
+        if self.log_level is None:
+            return False
+        return level_index(level) >= level_index(self.log_level)
+
+
+@dataclass
+class CallRoute:
+    """The route of one forwarded request: progress goes straight to the peer,
+    the final answer and any server request come back to the awaiting handler."""
+
+    peer: Peer
+    down_id: rpc.RequestId
+    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    modern_log_level: str | None = None
+    owner: Any = None  # the hub that forwarded the request
+
+    def deliver(self, message: rpc.Message, related: rpc.RequestId | None) -> None:
+        if message.get("method") == "notifications/message" and self.peer.era == "modern":
+            wanted = self.modern_log_level
+            level = rpc.params_of(message).get("level")
+            if wanted is None or level_index(level) < level_index(wanted):
+                return
+        elif message.get("method") == "notifications/message" and self.peer.log_level is not None:
+            if not self.peer.wants_log(rpc.params_of(message).get("level")):
+                return
+        self.peer.deliver(message, self.down_id)

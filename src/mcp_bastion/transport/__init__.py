@@ -1,0 +1,1 @@
+"""HTTP transports: the downstream endpoints clients connect to."""

@@ -1,0 +1,631 @@
+"""The downstream HTTP edge, as a raw ASGI app: Streamable HTTP in both eras, and legacy HTTP+SSE.
+
+Raw ASGI rather than a framework on the hot path: the data plane only reads the
+JSON-RPC envelope, and routing is a dict lookup. Each endpoint path maps to a
+:class:`~mcp_bastion.hub.Hub`; the era of a request is decided by its
+``MCP-Protocol-Version`` header (absent: 2025-03-26).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+import structlog
+
+from ..config import GatewaySettings
+from ..core import jsonrpc as rpc
+from ..core.eras import (
+    DEFAULT_UNANNOUNCED,
+    H_PROTOCOL_VERSION,
+    H_SESSION,
+    HANDSHAKE_VERSIONS,
+    MODERN_ERROR_STATUS,
+    MODERN_VERSIONS,
+    check_modern_request,
+    check_param_headers,
+    duplicated_routing_header,
+)
+from ..hub import Hub
+from ..peers import Peer
+from .security import HostPolicy
+
+log = structlog.get_logger("mcp_bastion.http")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+MAX_BUFFERED = 1000  # messages kept for a session whose GET stream is not open
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise ConnectionError("client went away")
+        body = event.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(body)
+        if not event.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(
+    send: Send, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers or []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_json(
+    send: Send, status: int, message: rpc.Message, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await respond(send, status, orjson.dumps(message), JSON_HEADERS + (extra or []))
+
+
+def sse_event(message: rpc.Message | None, event_id: str | None = None, event: str | None = None) -> bytes:
+    out = b""
+    if event_id is not None:
+        out += b"id: " + event_id.encode() + b"\n"
+    if event is not None:
+        out += b"event: " + event.encode() + b"\n"
+    data = orjson.dumps(message) if message is not None else b""
+    return out + b"data: " + data + b"\n\n"
+
+
+class Stream:
+    """An open SSE response a session delivers into."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[rpc.Message] = asyncio.Queue()
+
+
+class LegacySession(Peer):
+    """A handshake-era session (Streamable HTTP with Mcp-Session-Id, or HTTP+SSE)."""
+
+    era = "legacy"
+
+    def __init__(self, session_id: str, protocol_version: str, hub: Hub, sse_transport: bool = False) -> None:
+        super().__init__(session_id, protocol_version)
+        self.hub = hub
+        self.sse_transport = sse_transport
+        self.post_streams: dict[rpc.RequestId, Stream] = {}
+        self.get_stream: Stream | None = None
+        self.backlog: list[rpc.Message] = []
+        self.last_active = time.monotonic()
+        self.active_requests = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.initialized = False
+
+    def deliver(self, message: rpc.Message, related: rpc.RequestId | None, final: bool = False) -> None:
+        if self.closed:
+            return
+        stream = self.post_streams.get(related) if related is not None else None
+        if stream is None:
+            stream = self.get_stream
+        if stream is None:
+            self.backlog.append(message)
+            del self.backlog[:-MAX_BUFFERED]
+            return
+        stream.queue.put_nowait(message)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+class ModernExchange(Peer):
+    """One 2026-07-28 request and its response stream."""
+
+    era = "modern"
+
+    def __init__(self, protocol_version: str) -> None:
+        super().__init__("x-" + secrets.token_hex(8), protocol_version)
+        self.stream = Stream()
+
+    def deliver(self, message: rpc.Message, related: rpc.RequestId | None, final: bool = False) -> None:
+        if not self.closed:
+            self.stream.queue.put_nowait(message)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _accepts(accept: str | None) -> tuple[bool, bool]:
+    """(accepts JSON, accepts SSE) from an Accept header; absent counts as both."""
+    if not accept:
+        return True, True
+    parts = [p.split(";")[0].strip().lower() for p in accept.split(",")]
+    any_ = "*/*" in parts
+    return (
+        any_ or "application/json" in parts or "application/*" in parts,
+        any_ or "text/event-stream" in parts or "text/*" in parts,
+    )
+
+
+class McpHttpApp:
+    """ASGI app serving every endpoint of one gateway."""
+
+    def __init__(
+        self,
+        hubs: dict[str, Hub],
+        settings: GatewaySettings,
+        policy: HostPolicy,
+        health: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.health = health
+        self.routes: dict[str, tuple[str, Hub]] = {}
+        for base, hub in hubs.items():
+            self.routes[f"{base}/mcp"] = ("mcp", hub)
+            self.routes[f"{base}/sse"] = ("sse", hub)
+            self.routes[f"{base}/messages"] = ("messages", hub)
+            self.routes[f"{base}/messages/"] = ("messages", hub)
+        self.sessions: dict[str, LegacySession] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ ASGI entry
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/healthz":
+            await respond_json(send, 200, {"status": "ok"})
+            return
+        if path == "/readyz":
+            report = self.health()
+            await respond_json(send, 200 if report.get("ready") else 503, report)
+            return
+        route = self.routes.get(path)
+        if route is None:
+            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, f"No MCP endpoint at {path}"))
+            return
+        if not self.policy.host_ok(_header(scope, b"host")):
+            log.warning("rejected_host", host=_header(scope, b"host"), path=path)
+            await respond_json(send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Host header"))
+            return
+        if not self.policy.origin_ok(_header(scope, b"origin")):
+            log.warning("rejected_origin", origin=_header(scope, b"origin"), path=path)
+            await respond_json(send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Origin header"))
+            return
+        kind, hub = route
+        if kind == "mcp":
+            await self._mcp(scope, receive, send, hub)
+        elif kind == "sse":
+            await self._sse_get(scope, receive, send, hub)
+        else:
+            await self._sse_post(scope, receive, send, hub)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                self._sweeper = asyncio.create_task(self._sweep())
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                if self._sweeper:
+                    self._sweeper.cancel()
+                for session in list(self.sessions.values()):
+                    await self._end_session(session)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _sweep(self) -> None:
+        """Idle sessions expire; a session with a request in flight is never idle."""
+        while True:
+            await asyncio.sleep(min(30.0, max(0.5, self.settings.session_idle_seconds / 4)))
+            limit = time.monotonic() - self.settings.session_idle_seconds
+            for session in list(self.sessions.values()):
+                if session.active_requests == 0 and session.get_stream is None and session.last_active < limit:
+                    log.info("session_expired", session=session.id[:8])
+                    await self._end_session(session)
+
+    async def _end_session(self, session: LegacySession) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        for task in list(session.tasks):
+            task.cancel()
+        await session.hub.detach(session)
+
+    # ------------------------------------------------------------------ Streamable HTTP
+    async def _mcp(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
+        version = _header(scope, b"mcp-protocol-version")
+        method = scope["method"]
+        if version in MODERN_VERSIONS:
+            if method != "POST":
+                await respond(send, 405, b"", [(b"allow", b"POST")])
+                return
+            await self._modern_post(scope, receive, send, hub)
+            return
+        if version is not None and version not in HANDSHAKE_VERSIONS:
+            err = rpc.error(
+                None,
+                rpc.UNSUPPORTED_PROTOCOL_VERSION,
+                f"Unsupported protocol version: {version}",
+                {"supported": [*HANDSHAKE_VERSIONS, *MODERN_VERSIONS], "requested": version},
+            )
+            await respond_json(send, 400, err)
+            return
+        if method == "POST":
+            await self._legacy_post(scope, receive, send, hub, version or DEFAULT_UNANNOUNCED)
+        elif method == "GET":
+            await self._legacy_get(scope, receive, send, hub)
+        elif method == "DELETE":
+            await self._legacy_delete(scope, send, hub)
+        else:
+            await respond(send, 405, b"", [(b"allow", b"GET, POST, DELETE")])
+
+    async def _read_message(self, scope: Scope, receive: Receive, send: Send) -> rpc.Message | None:
+        """Common POST checks: content type, size, JSON, envelope. Sends the error itself."""
+        ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            await respond_json(
+                send, 415, rpc.error(None, rpc.INVALID_REQUEST, "Unsupported Media Type: use application/json")
+            )
+            return None
+        length = _header(scope, b"content-length")
+        limit = self.settings.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            await respond_json(send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes"))
+            return None
+        try:
+            body = await read_body(receive, limit)
+        except BodyTooLarge:
+            await respond_json(send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes"))
+            return None
+        except ConnectionError:
+            return None
+        try:
+            decoded = rpc.loads(body)
+            if isinstance(decoded, list):
+                raise rpc.ProtocolError(rpc.INVALID_REQUEST, "Invalid Request: JSON-RPC batches are not supported")
+            return rpc.validate(decoded)
+        except rpc.ProtocolError as exc:
+            rid = decoded.get("id") if isinstance(locals().get("decoded"), dict) else None
+            await respond_json(send, 400, exc.to_message(rid if isinstance(rid, str | int) else None))
+            return None
+
+    async def _legacy_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub, version: str) -> None:
+        wants_json, wants_sse = _accepts(_header(scope, b"accept"))
+        if not wants_json and not wants_sse:
+            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json"))
+            return
+        message = await self._read_message(scope, receive, send)
+        if message is None:
+            return
+        sid = _header(scope, b"mcp-session-id")
+        if message.get("method") == "initialize" and rpc.is_request(message):
+            if sid is not None and sid in self.sessions:
+                err = rpc.error(message["id"], rpc.INVALID_REQUEST, "Invalid Request: session already initialized")
+                await respond_json(send, 400, err)
+                return
+            if len(self.sessions) >= self.settings.max_sessions:
+                await respond_json(send, 503, rpc.error(message["id"], rpc.INTERNAL_ERROR, "Too many sessions"),
+                                   [(b"retry-after", b"5")])
+                return
+            session = LegacySession(secrets.token_urlsafe(32), version, hub)
+            reply = await hub.request(session, message)
+            if "error" in reply:
+                await respond_json(send, 200, reply)
+                return
+            self.sessions[session.id] = session
+            hub.attach(session)
+            log.info("session_started", session=session.id[:8], path=scope["path"],
+                     client=str((session.client_info or {}).get("name", "?"))[:64]
+                     if isinstance(session.client_info, dict) else "?")
+            await respond_json(send, 200, reply, [(b"mcp-session-id", session.id.encode())])
+            return
+        if sid is None:
+            await respond_json(send, 400, rpc.error(message.get("id"), rpc.INVALID_REQUEST,
+                                                    "Bad Request: Mcp-Session-Id header is required"))
+            return
+        found = self.sessions.get(sid)
+        if found is None or found.hub is not hub:
+            await respond_json(send, 404, rpc.error(message.get("id"), rpc.INVALID_REQUEST, "Session not found"))
+            return
+        session = found
+        session.touch()
+        if not rpc.is_request(message):
+            if rpc.is_response(message):
+                await hub.client_response(session, message)
+            else:
+                await hub.client_notification(session, message)
+            await respond(send, 202)
+            return
+        if session.active_requests >= self.settings.max_concurrent_per_session:
+            err = rpc.error(message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session")
+            await respond_json(send, 429, err, [(b"retry-after", b"1")])
+            return
+        await self._answer(send, receive, session, hub, message, wants_sse, modern=False)
+
+    async def _answer(
+        self,
+        send: Send,
+        receive: Receive,
+        peer: LegacySession | ModernExchange,
+        hub: Hub,
+        message: rpc.Message,
+        wants_sse: bool,
+        modern: bool,
+    ) -> None:
+        """Run one request; answer as JSON, or as SSE once anything precedes the answer."""
+        down_id = message["id"]
+        stream = peer.stream if isinstance(peer, ModernExchange) else Stream()
+        if isinstance(peer, LegacySession):
+            if wants_sse:
+                peer.post_streams[down_id] = stream
+            peer.active_requests += 1
+        task = asyncio.create_task(hub.request(peer, message))
+        if isinstance(peer, LegacySession):
+            peer.tasks.add(task)
+        disconnect = asyncio.create_task(self._wait_disconnect(receive))
+        started_sse = False
+        keepalive = self.settings.keepalive_seconds
+        try:
+            while True:
+                getter = asyncio.create_task(stream.queue.get())
+                done, _ = await asyncio.wait({task, getter, disconnect}, timeout=keepalive,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    note = getter.result()
+                    if not started_sse:
+                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                        started_sse = True
+                        if not modern:
+                            await send({"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True})
+                    await send({"type": "http.response.body", "body": sse_event(note), "more_body": True})
+                    continue
+                getter.cancel()
+                if task in done:
+                    reply = task.result()
+                    # Notifications that raced the answer still go first.
+                    while not stream.queue.empty():
+                        note = stream.queue.get_nowait()
+                        if started_sse:
+                            await send({"type": "http.response.body", "body": sse_event(note), "more_body": True})
+                    if started_sse:
+                        await send({"type": "http.response.body", "body": sse_event(reply), "more_body": False})
+                    else:
+                        status = 200
+                        if modern and "error" in reply:
+                            status = MODERN_ERROR_STATUS.get(reply["error"].get("code"), 200)
+                        await respond_json(send, status, reply)
+                    return
+                if disconnect in done:
+                    # 2026-07-28: closing the response stream cancels the request.
+                    # Handshake era: a disconnect is not a cancellation; the call runs on.
+                    if modern:
+                        task.cancel()
+                        await hub.detach(peer)
+                    return
+                # Timeout: keep the connection alive.
+                if not started_sse and wants_sse:
+                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                    started_sse = True
+                    if not modern:
+                        await send({"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True})
+                if started_sse:
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        except OSError:
+            if modern:
+                task.cancel()
+                await hub.detach(peer)
+        finally:
+            disconnect.cancel()
+            if isinstance(peer, LegacySession):
+                peer.post_streams.pop(down_id, None)
+                peer.active_requests -= 1
+                peer.touch()
+                if task.done():
+                    peer.tasks.discard(task)
+                else:
+                    task.add_done_callback(peer.tasks.discard)
+
+    @staticmethod
+    async def _wait_disconnect(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _legacy_get(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
+        _, wants_sse = _accepts(_header(scope, b"accept"))
+        if not wants_sse:
+            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept text/event-stream"))
+            return
+        sid = _header(scope, b"mcp-session-id")
+        if sid is None:
+            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"))
+            return
+        session = self.sessions.get(sid)
+        if session is None or session.hub is not hub:
+            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+            return
+        if session.get_stream is not None:
+            await respond_json(send, 409, rpc.error(None, rpc.INVALID_REQUEST, "Conflict: a GET stream is already open"))
+            return
+        stream = Stream()
+        for m in session.backlog:
+            stream.queue.put_nowait(m)
+        session.backlog.clear()
+        session.get_stream = stream
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True})
+        await self._pump(stream, receive, send, session)
+        if session.get_stream is stream:
+            session.get_stream = None
+            session.touch()
+
+    async def _pump(self, stream: Stream, receive: Receive, send: Send, session: LegacySession,
+                    event: str | None = None) -> None:
+        """Copy a stream's messages to an open SSE response until the client leaves."""
+        disconnect = asyncio.create_task(self._wait_disconnect(receive))
+        try:
+            while not session.closed:
+                getter = asyncio.create_task(stream.queue.get())
+                done, _ = await asyncio.wait({getter, disconnect}, timeout=self.settings.keepalive_seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await send({"type": "http.response.body", "body": sse_event(getter.result(), event=event),
+                                "more_body": True})
+                    continue
+                getter.cancel()
+                if disconnect in done:
+                    return
+                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        except OSError:
+            return
+        finally:
+            disconnect.cancel()
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _legacy_delete(self, scope: Scope, send: Send, hub: Hub) -> None:
+        sid = _header(scope, b"mcp-session-id")
+        if sid is None:
+            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"))
+            return
+        session = self.sessions.get(sid)
+        if session is None or session.hub is not hub:
+            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+            return
+        await self._end_session(session)
+        log.info("session_ended", session=sid[:8])
+        await respond(send, 200)
+
+    async def _modern_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
+        wants_json, wants_sse = _accepts(_header(scope, b"accept"))
+        if not wants_json:
+            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json"))
+            return
+        message = await self._read_message(scope, receive, send)
+        if message is None:
+            return
+        if not rpc.is_request(message):
+            await respond(send, 202)
+            return
+        headers = _headers(scope)
+        try:
+            dup = duplicated_routing_header((k.decode("latin-1"), "") for k, _ in scope["headers"])
+            if dup is not None:
+                raise rpc.ProtocolError(rpc.HEADER_MISMATCH, f"{dup} header appears more than once")
+            envelope = check_modern_request(message, headers)
+            if message["method"] == "tools/call":
+                schema = await hub.tool_schema(str(rpc.params_of(message).get("name", "")))
+                if schema is not None:
+                    check_param_headers(schema, rpc.params_of(message).get("arguments"), headers)
+        except rpc.ProtocolError as exc:
+            status = MODERN_ERROR_STATUS.get(exc.code, 400)
+            await respond_json(send, status, exc.to_message(message["id"]))
+            return
+        if message["method"] == "subscriptions/listen" and not wants_sse:
+            await respond_json(send, 406, rpc.error(message["id"], rpc.INVALID_REQUEST,
+                                                    "Not Acceptable: subscriptions/listen answers with text/event-stream"))
+            return
+        peer = ModernExchange(envelope.protocol_version)
+        peer.client_capabilities = envelope.client_capabilities
+        peer.client_info = envelope.client_info
+        hub.attach(peer)
+        try:
+            await self._answer(send, receive, peer, hub, message, wants_sse, modern=True)
+        finally:
+            peer.closed = True
+            hub.peers.discard(peer)
+
+    # ------------------------------------------------------------------ legacy HTTP+SSE (2024-11-05)
+    async def _sse_get(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
+        if scope["method"] != "GET":
+            await respond(send, 405, b"", [(b"allow", b"GET")])
+            return
+        if len(self.sessions) >= self.settings.max_sessions:
+            await respond_json(send, 503, rpc.error(None, rpc.INTERNAL_ERROR, "Too many sessions"))
+            return
+        session = LegacySession(secrets.token_urlsafe(32), "2024-11-05", hub, sse_transport=True)
+        self.sessions[session.id] = session
+        stream = Stream()
+        session.get_stream = stream
+        base = scope["path"][: -len("/sse")]
+        endpoint = f"{scope.get('root_path', '')}{base}/messages?session_id={session.id}"
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b"event: endpoint\ndata: " + endpoint.encode() + b"\n\n",
+                    "more_body": True})
+        log.info("sse_session_started", session=session.id[:8], path=scope["path"])
+        try:
+            await self._pump(stream, receive, send, session, event="message")
+        finally:
+            await self._end_session(session)
+
+    async def _sse_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
+        if scope["method"] != "POST":
+            await respond(send, 405, b"", [(b"allow", b"POST")])
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        sid = (query.get("session_id") or query.get("sessionId") or [None])[0]
+        if sid is None:
+            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: session_id is required"))
+            return
+        session = self.sessions.get(sid)
+        if session is None or not session.sse_transport or session.hub is not hub:
+            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+            return
+        message = await self._read_message(scope, receive, send)
+        if message is None:
+            return
+        session.touch()
+        await respond(send, 202, b"Accepted")
+        if rpc.is_response(message):
+            await hub.client_response(session, message)
+            return
+        if rpc.is_notification(message):
+            await hub.client_notification(session, message)
+            return
+        if message["method"] == "initialize":
+            if session.initialized:
+                session.deliver(rpc.error(message["id"], rpc.INVALID_REQUEST, "already initialized"), None)
+                return
+            session.initialized = True
+            hub.attach(session)
+
+        async def run() -> None:
+            session.active_requests += 1
+            try:
+                reply = await hub.request(session, message)
+                session.deliver(reply, None)
+            finally:
+                session.active_requests -= 1
+
+        task = asyncio.create_task(run())
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)

@@ -1,0 +1,1 @@
+"""Upstream channels: how the gateway reaches MCP servers (stdio, Streamable HTTP, SSE)."""

@@ -1,0 +1,173 @@
+"""What every upstream channel is: a JSON-RPC connection in one era, after its handshake.
+
+A channel owns a :class:`~mcp_bastion.core.forward.ChannelState` for its id maps and
+reports what the upstream says as core events to its ``sink``. Channels for stdio,
+Streamable HTTP and legacy SSE differ only in how bytes move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import structlog
+
+from .. import __version__
+from ..core import jsonrpc as rpc
+from ..core.eras import LATEST_HANDSHAKE, LATEST_MODERN, META_CLIENT_CAPABILITIES, META_CLIENT_INFO
+from ..core.eras import META_PROTOCOL_VERSION
+from ..core.forward import ChannelState, Delivery, Event
+
+Era = Literal["legacy", "modern"]
+log = structlog.get_logger("mcp_bastion.upstream")
+
+# What the gateway tells upstreams it can do: everything, because it forwards to
+# clients that may (a client that cannot answers with an error, which is forwarded).
+CLIENT_CAPABILITIES: dict[str, Any] = {
+    "sampling": {"tools": {}},
+    "elicitation": {"form": {}, "url": {}},
+    "roots": {"listChanged": True},
+}
+CLIENT_INFO = {"name": "mcp-bastion", "version": __version__}
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream cannot be reached or did not complete its handshake."""
+
+
+class FutureRoute:
+    """A route that resolves a future: for requests the gateway makes itself."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[rpc.Message] = asyncio.get_running_loop().create_future()
+
+
+def modern_meta(capabilities: dict[str, Any] | None = None, info: Any = None) -> dict[str, Any]:
+    return {
+        META_PROTOCOL_VERSION: LATEST_MODERN,
+        META_CLIENT_CAPABILITIES: capabilities if capabilities is not None else CLIENT_CAPABILITIES,
+        META_CLIENT_INFO: info if info is not None else CLIENT_INFO,
+    }
+
+
+Sink = Callable[["Channel", list[Event]], None]
+
+
+class Channel:
+    """Base of all channels; subclasses implement ``_connect``, ``_write`` and ``_disconnect``."""
+
+    def __init__(self, server: str, era: Era, sink: Sink, *, handshake_timeout: float = 30.0) -> None:
+        self.server = server
+        self.era: Era = era
+        self.state = ChannelState(f"{server}.{era[0]}")
+        self.sink = sink
+        self.handshake_timeout = handshake_timeout
+        self.init_result: dict[str, Any] = {}
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.on_ready: Callable[[Channel], None] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.server}/{self.era}"
+
+    # --- subclass hooks -------------------------------------------------------------
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _write(self, message: rpc.Message) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    # --- shared behaviour -----------------------------------------------------------
+    async def send(self, message: rpc.Message) -> None:
+        """Write one message upstream; a dead channel answers its caller at once."""
+        try:
+            await self._write(message)
+        except (OSError, UpstreamUnavailable, RuntimeError) as exc:
+            if rpc.is_request(message):
+                pend = self.state.pending.pop(message["id"], None)
+                if pend is not None:
+                    err = rpc.error(pend.down_id, rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r}: {exc}")
+                    self._dispatch([Delivery(pend.route, err, pend.down_id, final=True)])
+
+    def _dispatch(self, events: list[Event]) -> None:
+        rest: list[Event] = []
+        for ev in events:
+            if isinstance(ev, Delivery) and isinstance(ev.route, FutureRoute):
+                if ev.final and not ev.route.future.done():
+                    ev.route.future.set_result(ev.message)
+            else:
+                rest.append(ev)
+        if rest:
+            self.sink(self, rest)
+
+    def received(self, message: rpc.Message) -> None:
+        self._dispatch(self.state.receive(message))
+
+    def lost(self, reason: str) -> None:
+        """The connection broke: callers in flight get a clear error now."""
+        self.ready.clear()
+        events: list[Event] = list(
+            self.state.fail_all(rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r} {reason}")
+        )
+        if events:
+            self._dispatch(events)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        """A request of the gateway's own; returns the result or raises UpstreamUnavailable."""
+        route = FutureRoute()
+        msg = self.state.forward_request(
+            route, rpc.request(0, method, params), wants_logs=False, accepts_requests=False
+        )
+        await self.send(msg)
+        try:
+            reply = await asyncio.wait_for(route.future, timeout)
+        except TimeoutError:
+            cancel = self.state.cancel(msg["id"], "timed out")
+            if cancel is not None:
+                with contextlib.suppress(Exception):
+                    await self._write(cancel)
+            raise UpstreamUnavailable(f"{method} timed out after {timeout:g}s") from None
+        if "error" in reply:
+            raise UpstreamUnavailable(f"{method} failed: {reply['error'].get('message')}")
+        return reply.get("result", {})
+
+    async def handshake(self) -> None:
+        """Initialize (legacy) or discover (modern); raises UpstreamUnavailable on failure."""
+        if self.era == "modern":
+            result = await self.call("server/discover", {"_meta": modern_meta()}, self.handshake_timeout)
+            if not isinstance(result, dict) or LATEST_MODERN not in (result.get("supportedVersions") or []):
+                raise UpstreamUnavailable("upstream does not speak 2026-07-28")
+        else:
+            result = await self.call(
+                "initialize",
+                {
+                    "protocolVersion": LATEST_HANDSHAKE,
+                    "capabilities": CLIENT_CAPABILITIES,
+                    "clientInfo": CLIENT_INFO,
+                },
+                self.handshake_timeout,
+            )
+            if not isinstance(result, dict):
+                raise UpstreamUnavailable("initialize returned no result object")
+            await self._write(rpc.notification("notifications/initialized"))
+        self.init_result = result
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def start(self) -> None:
+        await self._connect()
+
+    async def close(self) -> None:
+        self.closed = True
+        self.ready.clear()
+        await self._disconnect()
+        self.lost("was shut down")
