@@ -51,6 +51,10 @@ LIST_METHODS = {
 CACHEABLE = {*LIST_METHODS, "resources/read", "server/discover"}
 ENVELOPE_KEYS = (META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL)
 MRTR_HOLD_SECONDS = 300.0
+# Methods the 2026-07-28 revision removed; a modern request for one is an unknown method.
+REMOVED_IN_MODERN = frozenset(
+    {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
+)
 
 
 class HeldCall:
@@ -347,6 +351,8 @@ class Hub:
         method: str = message["method"]
         params = rpc.params_of(message)
         down_id = message["id"]
+        if peer.era == "modern" and method in REMOVED_IN_MODERN:
+            raise rpc.ProtocolError(rpc.METHOD_NOT_FOUND, f"Method not found: {method}", http_status=404)
         if method == "initialize":
             return rpc.result(down_id, await self._initialize(peer, params))
         if method == "ping":

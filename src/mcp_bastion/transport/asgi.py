@@ -30,6 +30,7 @@ from ..core.eras import (
     MODERN_VERSIONS,
     check_modern_request,
     check_param_headers,
+    unsupported_version,
     duplicated_routing_header,
 )
 from ..hub import Hub
@@ -156,7 +157,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    # HTTP field values carry no leading or trailing whitespace (RFC 9110 5.5).
+    return {k.decode("latin-1").lower(): v.decode("latin-1").strip(" \t") for k, v in scope["headers"]}
 
 
 def _accepts(accept: str | None) -> tuple[bool, bool]:
@@ -272,13 +274,15 @@ class McpHttpApp:
             await self._modern_post(scope, receive, send, hub)
             return
         if version is not None and version not in HANDSHAKE_VERSIONS:
-            err = rpc.error(
-                None,
-                rpc.UNSUPPORTED_PROTOCOL_VERSION,
-                f"Unsupported protocol version: {version}",
-                {"supported": [*HANDSHAKE_VERSIONS, *MODERN_VERSIONS], "requested": version},
-            )
-            await respond_json(send, 400, err)
+            # A revision we do not know: answer as a modern server would, naming the
+            # versions server/discover advertises, with the request's own id.
+            request_id: rpc.RequestId | None = None
+            if method == "POST":
+                with contextlib.suppress(Exception):
+                    body = rpc.loads(await read_body(receive, self.settings.max_body_bytes))
+                    if isinstance(body, dict) and isinstance(body.get("id"), str | int):
+                        request_id = body["id"]
+            await respond_json(send, 400, unsupported_version(version).to_message(request_id))
             return
         if method == "POST":
             await self._legacy_post(scope, receive, send, hub, version or DEFAULT_UNANNOUNCED)
