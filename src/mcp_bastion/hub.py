@@ -367,7 +367,13 @@ class Hub:
             return await self._listen(peer, message)
         if method in ("resources/subscribe", "resources/unsubscribe"):
             return await self._subscribe(peer, message)
-        server, rewritten = self._target(method, message)
+        try:
+            server, rewritten = self._target(method, message)
+        except rpc.ProtocolError as exc:
+            if exc.code != rpc.INVALID_PARAMS:
+                raise
+            await self.refresh_names(peer)  # a name this hub has not listed yet
+            server, rewritten = self._target(method, message)
         return await self.forward(peer, server, rewritten, method)
 
     def _target(self, method: str, message: rpc.Message) -> tuple[str, rpc.Message]:

@@ -1,0 +1,76 @@
+"""A small MCP server (official SDK) for the gateway's tests: aggregation, faults, cancellation.
+
+Run: python notes_server.py [stdio|http PORT]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from mcp.server.mcpserver import Context, MCPServer
+
+mcp = MCPServer(name="notes-server", instructions="Keeps notes.")
+NOTES: list[str] = []
+CANCELLED_MARKER = os.environ.get("NOTES_CANCEL_FILE")
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    """Return the text unchanged."""
+    return text
+
+
+@mcp.tool()
+def add_note(text: str) -> str:
+    """Store a note."""
+    NOTES.append(text)
+    return f"{len(NOTES)} notes"
+
+
+@mcp.tool()
+def pid() -> str:
+    """The server's process id (to tell shared from isolated children)."""
+    return str(os.getpid())
+
+
+@mcp.tool()
+async def slow(seconds: float, ctx: Context) -> str:
+    """Sleep, reporting progress; records a cancellation in NOTES_CANCEL_FILE."""
+    try:
+        steps = max(1, int(seconds * 10))
+        for i in range(steps):
+            await ctx.report_progress(progress=i, total=steps)
+            await asyncio.sleep(seconds / steps)
+    except asyncio.CancelledError:
+        if CANCELLED_MARKER:
+            with open(CANCELLED_MARKER, "a") as fh:
+                fh.write("cancelled\n")
+        raise
+    return "done"
+
+
+@mcp.tool()
+def crash() -> str:
+    """Exit the process at once, mid-call."""
+    os._exit(3)
+
+
+@mcp.resource("notes://all")
+def all_notes() -> str:
+    """Every note, one per line."""
+    return "\n".join(NOTES)
+
+
+@mcp.prompt()
+def summarize(topic: str) -> str:
+    """Ask for a summary of the notes on a topic."""
+    return f"Summarize the notes about {topic}."
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "http":
+        mcp.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        mcp.run(transport="stdio")
