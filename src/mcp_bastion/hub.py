@@ -438,7 +438,9 @@ class Hub:
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else None
         if peer.era == "modern":
             route.modern_log_level = (meta or {}).get(META_LOG_LEVEL)
-        if channel.era == "legacy" and peer.era == "modern" and meta is not None:
+        if channel.era == "legacy" and meta is not None and (peer.era == "modern" or META_PROTOCOL_VERSION in meta):
+            # A handshake-era upstream refuses the 2026-07-28 envelope (some dual-era
+            # clients send it inside a session too), so it never reaches one.
             stripped = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
             new_params = {k: v for k, v in params.items() if k not in ("_meta", "inputResponses", "requestState")}
             if stripped:
