@@ -47,7 +47,9 @@ def wait_ready(base: str, proc: Any, log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}")
+            raise RuntimeError(
+                f"gateway exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}"
+            )
         try:
             if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
                 return

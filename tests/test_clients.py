@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 from mcp import Client
-from mcp.types import CreateMessageRequestParams, CreateMessageResult, ElicitRequestParams, ElicitResult, TextContent
+from mcp.types import (
+    CreateMessageRequestParams,
+    CreateMessageResult,
+    ElicitRequestParams,
+    ElicitResult,
+    TextContent,
+)
 
 from tests.conftest import NOTES_SERVER, GatewayFactory, everything_entry, notes_entry, servers_file
 from tests.support.external import everything_server_stdio_cmd, inspector_cli_cmd, node22_env
@@ -30,14 +36,18 @@ def text_of(result: Any) -> str:
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_sdk_client_both_eras(gateway: GatewayFactory, mode: str) -> None:
     gw = gateway("expose", "--", *everything_server_stdio_cmd())
-    async with Client(gw.url, mode=mode, sampling_callback=sampling, elicitation_callback=elicitation) as client:
+    async with Client(
+        gw.url, mode=mode, sampling_callback=sampling, elicitation_callback=elicitation
+    ) as client:
         expected = "2026-07-28" if mode == "auto" else "2025-11-25"
         assert client.protocol_version == expected
         tools = {t.name for t in (await client.list_tools()).tools}
         assert {"test_simple_text", "test_sampling", "test_elicitation"} <= tools
         assert "This is a simple text response" in text_of(await client.call_tool("test_simple_text", {}))
         if mode == "legacy":  # server-to-client requests, over the session's streams
-            assert "Paris" in text_of(await client.call_tool("test_sampling", {"prompt": "Capital of France?"}))
+            assert "Paris" in text_of(
+                await client.call_tool("test_sampling", {"prompt": "Capital of France?"})
+            )
             res = await client.call_tool("test_elicitation", {"message": "ok?"})
             assert "action=accept" in text_of(res)
         else:  # the same through multi-round-trip requests

@@ -56,21 +56,30 @@ PortOpt = Annotated[
 ]
 PublicUrlOpt = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option("--public-url", help="The URL clients use to reach this gateway (behind a TLS proxy); "
-                 "its host is allowed as Host and Origin."),
+    typer.Option(
+        "--public-url",
+        help="The URL clients use to reach this gateway (behind a TLS proxy); "
+        "its host is allowed as Host and Origin.",
+    ),
 ]
 AllowHostOpt = Annotated[
     Optional[list[str]],  # noqa: UP045
-    typer.Option("--allow-host", help="Extra Host header value to accept (repeatable; 'name:*' any port; "
-                 "'*' disables the check)."),
+    typer.Option(
+        "--allow-host",
+        help="Extra Host header value to accept (repeatable; 'name:*' any port; '*' disables the check).",
+    ),
 ]
 AllowOriginOpt = Annotated[
     Optional[list[str]],  # noqa: UP045
-    typer.Option("--allow-origin", help="Extra browser Origin to accept (repeatable; '*' disables the check)."),
+    typer.Option(
+        "--allow-origin", help="Extra browser Origin to accept (repeatable; '*' disables the check)."
+    ),
 ]
 DataDirOpt = Annotated[
     Optional[Path],  # noqa: UP045
-    typer.Option("--data-dir", help="Where state is kept (env MCP_BASTION_DATA_DIR; default: the user's data dir)."),
+    typer.Option(
+        "--data-dir", help="Where state is kept (env MCP_BASTION_DATA_DIR; default: the user's data dir)."
+    ),
 ]
 LogLevelOpt = Annotated[
     Optional[str],  # noqa: UP045
@@ -112,19 +121,27 @@ def expose(
         typer.Option("--url", help="Front a remote Streamable HTTP or SSE server instead of a command."),
     ] = None,
     transport: Annotated[
-        str, typer.Option("--transport", help="With --url: 'http' (Streamable HTTP), 'sse', or 'auto' (by path).")
+        str,
+        typer.Option("--transport", help="With --url: 'http' (Streamable HTTP), 'sse', or 'auto' (by path)."),
     ] = "auto",
     name: Annotated[str, typer.Option("--name", help="The server's name in logs.")] = "server",
     env: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--env", "-e", help="KEY=VALUE for the child (repeatable); VALUE may be env:NAME or file:PATH."),
+        typer.Option(
+            "--env", "-e", help="KEY=VALUE for the child (repeatable); VALUE may be env:NAME or file:PATH."
+        ),
     ] = None,
     header: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--header", "-H", help="'Name: value' sent to the --url server (repeatable; secret references allowed)."),
+        typer.Option(
+            "--header",
+            "-H",
+            help="'Name: value' sent to the --url server (repeatable; secret references allowed).",
+        ),
     ] = None,
     isolation: Annotated[
-        str, typer.Option("--isolation", help="'shared': one child for all sessions; 'session': one per session.")
+        str,
+        typer.Option("--isolation", help="'shared': one child for all sessions; 'session': one per session."),
     ] = "shared",
     host: HostOpt = None,
     port: PortOpt = None,
@@ -140,15 +157,23 @@ def expose(
     """
     try:
         settings = _settings(
-            GatewaySettings(), host=host, port=port, public_url=public_url, allowed_hosts=allow_host,
-            allowed_origins=allow_origin, data_dir=str(data_dir) if data_dir else None, log_level=log_level,
+            GatewaySettings(),
+            host=host,
+            port=port,
+            public_url=public_url,
+            allowed_hosts=allow_host,
+            allowed_origins=allow_origin,
+            data_dir=str(data_dir) if data_dir else None,
+            log_level=log_level,
         )
         entry: dict[str, object] = {"isolation": isolation}
         if url and command:
             _fail("give either --url or a command after '--', not both")
         if url:
             entry["url"] = url
-            kind = transport if transport != "auto" else ("sse" if url.rstrip("/").endswith("/sse") else "http")
+            kind = (
+                transport if transport != "auto" else ("sse" if url.rstrip("/").endswith("/sse") else "http")
+            )
             entry["type"] = kind
             entry["headers"] = dict(_pair(h, ":") for h in header or [])
         elif command:
@@ -175,12 +200,19 @@ def _pair(text: str, sep: str) -> tuple[str, str]:
 def serve(
     config: Annotated[
         Path,
-        typer.Option("--config", "-c", help="An mcpServers JSON file (Claude Desktop, Cursor, VS Code) or a TOML "
-                     "gateway file.", exists=True, dir_okay=False),
+        typer.Option(
+            "--config",
+            "-c",
+            help="An mcpServers JSON file (Claude Desktop, Cursor, VS Code) or a TOML gateway file.",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     prefix_mode: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--prefix-mode", help="Aggregated names: 'always' <server>_<name> (default) or 'on-collision'."),
+        typer.Option(
+            "--prefix-mode", help="Aggregated names: 'always' <server>_<name> (default) or 'on-collision'."
+        ),
     ] = None,
     separator: Annotated[
         Optional[str],  # noqa: UP045
@@ -194,13 +226,20 @@ def serve(
     data_dir: DataDirOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
-    """Serve every server in FILE: each at /servers/<name>/mcp (and /sse), all aggregated at /mcp (and /sse)."""
+    """Serve every server in FILE: each at /servers/<name>/mcp (and /sse), all of them at /mcp (and /sse)."""
     try:
         loaded = load_config_file(config)
         settings = _settings(
-            loaded.settings, host=host, port=port, public_url=public_url, allowed_hosts=allow_host,
-            allowed_origins=allow_origin, data_dir=str(data_dir) if data_dir else None, log_level=log_level,
-            prefix_mode=prefix_mode, separator=separator,
+            loaded.settings,
+            host=host,
+            port=port,
+            public_url=public_url,
+            allowed_hosts=allow_host,
+            allowed_origins=allow_origin,
+            data_dir=str(data_dir) if data_dir else None,
+            log_level=log_level,
+            prefix_mode=prefix_mode,
+            separator=separator,
         )
     except ConfigError as exc:
         _fail(str(exc))

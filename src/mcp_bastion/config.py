@@ -82,7 +82,9 @@ class ServerConfig:
 def parse_server(name: str, entry: Any) -> ServerConfig:
     where = f"server {name!r}"
     if not valid_server_name(name):
-        raise ConfigError(f"{where}: names are 1-64 letters, digits, '-' or '.', starting with a letter or digit")
+        raise ConfigError(
+            f"{where}: names are 1-64 letters, digits, '-' or '.', starting with a letter or digit"
+        )
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be an object")
     kind = entry.get("transport", entry.get("type"))

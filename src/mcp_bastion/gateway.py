@@ -28,7 +28,9 @@ class Gateway:
     server is at ``/servers/<name>/mcp`` and all of them, aggregated, at ``/mcp``.
     """
 
-    def __init__(self, settings: GatewaySettings, servers: list[ServerConfig], *, single: bool = False) -> None:
+    def __init__(
+        self, settings: GatewaySettings, servers: list[ServerConfig], *, single: bool = False
+    ) -> None:
         self.settings = settings
         self.sealer = StateSealer()
         self.hubs: dict[str, Hub] = {}
@@ -42,7 +44,11 @@ class Gateway:
             for entry in entries:
                 self._add_hub(f"/servers/{entry.name}", [entry])
         policy = HostPolicy(
-            settings.port, settings.public_url, settings.allowed_hosts, settings.allowed_origins, settings.host
+            settings.port,
+            settings.public_url,
+            settings.allowed_hosts,
+            settings.allowed_origins,
+            settings.host,
         )
         self.app = McpHttpApp(self.hubs, settings, policy, self.health)
         self._app_asgi = self.app
@@ -115,7 +121,6 @@ class Gateway:
             timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

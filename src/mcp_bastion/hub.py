@@ -14,7 +14,7 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -190,6 +190,7 @@ class Hub:
         self.request_timeout = request_timeout
         self.peers: set[Peer] = set()
         self.held: dict[str, HeldCall] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
         self.tool_schemas: dict[str, Any] = {}  # exposed tool name -> inputSchema, as last listed
 
     async def tool_schema(self, name: str) -> Any:
@@ -243,7 +244,7 @@ class Hub:
     def _server_request(self, channel: Channel, ev: ServerRequest) -> None:
         method = ev.message.get("method")
         if method == "ping":
-            asyncio.ensure_future(channel.send(rpc.result(ev.up_id, {})))
+            self._background(channel.send(rpc.result(ev.up_id, {})))
             return
         route = ev.route
         if isinstance(route, CallRoute) and route.peer.era == "modern":
@@ -252,12 +253,17 @@ class Hub:
         peer = route.peer if isinstance(route, CallRoute) else self._any_legacy_peer()
         if peer is None or peer.closed:
             err = rpc.error(ev.up_id, rpc.METHOD_NOT_FOUND, f"no client connected to answer {method}")
-            asyncio.ensure_future(channel.send(err))
+            self._background(channel.send(err))
             return
         down_id = peer.next_request_id()
         peer.server_requests[down_id] = (channel, ev.up_id)
         out = {**ev.message, "id": down_id}
         peer.deliver(out, ev.related)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def has_legacy_peer(self) -> bool:
         return self._any_legacy_peer() is not None
@@ -278,14 +284,21 @@ class Hub:
         if method.endswith("/list_changed"):
             entry.list_cache.clear()
             kind = method.split("/")[1]
-            flag = {"tools": "toolsListChanged", "prompts": "promptsListChanged", "resources": "resourcesListChanged"}
+            flag = {
+                "tools": "toolsListChanged",
+                "prompts": "promptsListChanged",
+                "resources": "resourcesListChanged",
+            }
             for peer in list(self.peers):
                 if peer.era == "legacy":
                     peer.deliver(message, None)
                 else:
                     for listen_id, wants in peer.listen.items():
                         if wants.get(flag.get(kind, "")):
-                            note = {**message, "params": {**params, "_meta": {META_SUBSCRIPTION_ID: listen_id}}}
+                            note = {
+                                **message,
+                                "params": {**params, "_meta": {META_SUBSCRIPTION_ID: listen_id}},
+                            }
                             peer.deliver(note, listen_id)
         elif method == "notifications/resources/updated":
             uri = self.uris.expose(server, str(params.get("uri", "")))
@@ -297,7 +310,10 @@ class Hub:
                     else:
                         for listen_id, wants in peer.listen.items():
                             if uri in wants.get("resourceSubscriptions", []):
-                                tagged = {**note, "params": {**note["params"], "_meta": {META_SUBSCRIPTION_ID: listen_id}}}
+                                tagged = {
+                                    **note,
+                                    "params": {**note["params"], "_meta": {META_SUBSCRIPTION_ID: listen_id}},
+                                }
                                 peer.deliver(tagged, listen_id)
         elif method == "notifications/message":
             for peer in list(self.peers):
@@ -328,7 +344,9 @@ class Hub:
         method = message["method"]
         params = rpc.params_of(message)
         if method == "notifications/cancelled":
-            await self.cancel(peer, params.get("requestId"), params.get("reason"))
+            request_id = params.get("requestId")
+            if isinstance(request_id, str | int):
+                await self.cancel(peer, request_id, params.get("reason"))
         elif method == "notifications/roots/list_changed":
             for entry in self.entries.values():
                 for ch in [*entry.channels.values(), *peer.hub_channels.values()]:
@@ -433,16 +451,24 @@ class Hub:
         reply = await self._exchange(peer, channel, out, route)
         return self._from_upstream(peer, channel, server, method, reply)
 
-    def _to_upstream(self, peer: Peer, channel: Channel, message: rpc.Message, route: CallRoute) -> rpc.Message:
+    def _to_upstream(
+        self, peer: Peer, channel: Channel, message: rpc.Message, route: CallRoute
+    ) -> rpc.Message:
         params = rpc.params_of(message)
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else None
         if peer.era == "modern":
             route.modern_log_level = (meta or {}).get(META_LOG_LEVEL)
-        if channel.era == "legacy" and meta is not None and (peer.era == "modern" or META_PROTOCOL_VERSION in meta):
+        if (
+            channel.era == "legacy"
+            and meta is not None
+            and (peer.era == "modern" or META_PROTOCOL_VERSION in meta)
+        ):
             # A handshake-era upstream refuses the 2026-07-28 envelope (some dual-era
             # clients send it inside a session too), so it never reaches one.
             stripped = {k: v for k, v in meta.items() if k not in ENVELOPE_KEYS}
-            new_params = {k: v for k, v in params.items() if k not in ("_meta", "inputResponses", "requestState")}
+            new_params = {
+                k: v for k, v in params.items() if k not in ("_meta", "inputResponses", "requestState")
+            }
             if stripped:
                 new_params["_meta"] = stripped
             return {**message, "params": new_params}
@@ -466,7 +492,9 @@ class Hub:
                 kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
             except TimeoutError:
                 await self.cancel(peer, down_id, "timed out")
-                return rpc.error(down_id, rpc.REQUEST_TIMEOUT, f"upstream {channel.server!r} did not answer in time")
+                return rpc.error(
+                    down_id, rpc.REQUEST_TIMEOUT, f"upstream {channel.server!r} did not answer in time"
+                )
             finally:
                 peer.inflight.pop(down_id, None)
             if kind != "final":
@@ -497,7 +525,9 @@ class Hub:
             peer.deliver(rpc.request(rid, str(req.get("method")), req.get("params") or {}), message["id"])
             reply = await asyncio.wait_for(fut, self.request_timeout)
             if "error" in reply:
-                raise rpc.ProtocolError(reply["error"].get("code", rpc.INTERNAL_ERROR), reply["error"].get("message", ""))
+                raise rpc.ProtocolError(
+                    reply["error"].get("code", rpc.INTERNAL_ERROR), reply["error"].get("message", "")
+                )
             answers[key] = reply.get("result", {})
 
         await asyncio.gather(*(ask(k, v) for k, v in requests.items() if isinstance(v, dict)))
@@ -583,7 +613,7 @@ class Hub:
                 del self.held[handle]
                 note = held.channel.state.cancel(held.up_id, "input was never provided")
                 if note is not None:
-                    asyncio.ensure_future(held.channel.send(note))
+                    self._background(held.channel.send(note))
 
     def _from_upstream(
         self, peer: Peer, channel: Channel, server: str, method: str, reply: rpc.Message
@@ -740,7 +770,9 @@ class Hub:
             if ch.era != "legacy" or "logging" not in (ch.init_result.get("capabilities") or {}):
                 continue
             fwd = {**message, "params": {**rpc.params_of(message), "level": lowest}}
-            reply = await self._exchange(peer, ch, fwd, CallRoute(owner=self, peer=peer, down_id=message["id"]))
+            reply = await self._exchange(
+                peer, ch, fwd, CallRoute(owner=self, peer=peer, down_id=message["id"])
+            )
             if "error" in reply and self.single:
                 last = reply
         return last
@@ -752,12 +784,16 @@ class Hub:
             peer.subscriptions.add(uri)
         else:
             peer.subscriptions.discard(uri)
-        server, rewritten = (next(iter(self.entries)), message) if self.single else self._route_uri(message, uri)
+        server, rewritten = (
+            (next(iter(self.entries)), message) if self.single else self._route_uri(message, uri)
+        )
         entry = self.entries[server]
         ch = await entry.channel("legacy", peer)
         if ch.era != "legacy":
             return rpc.result(message["id"], {})
-        return await self._exchange(peer, ch, rewritten, CallRoute(owner=self, peer=peer, down_id=message["id"]))
+        return await self._exchange(
+            peer, ch, rewritten, CallRoute(owner=self, peer=peer, down_id=message["id"])
+        )
 
     def _route_uri(self, message: rpc.Message, uri: str) -> tuple[str, rpc.Message]:
         found = self.uris.resolve(uri, list(self.entries))
@@ -782,13 +818,14 @@ class Hub:
         peer.listen[listen_id] = honoured
         for uri in uris:
             peer.subscriptions.add(uri)
-            server, sub = (next(iter(self.entries)), None) if self.single else (None, None)
             with contextlib.suppress(rpc.ProtocolError, UpstreamUnavailable):
                 req = rpc.request(listen_id, "resources/subscribe", {"uri": uri})
-                server, sub = (server, req) if server else self._route_uri(req, uri)
+                server, sub = (next(iter(self.entries)), req) if self.single else self._route_uri(req, uri)
                 ch = await self.entries[server].channel("legacy", peer)
                 if ch.era == "legacy":
-                    await self._exchange(peer, ch, sub, CallRoute(owner=self, peer=peer, down_id=f"sub-{listen_id}"))
+                    await self._exchange(
+                        peer, ch, sub, CallRoute(owner=self, peer=peer, down_id=f"sub-{listen_id}")
+                    )
         ack = rpc.notification(
             "notifications/subscriptions/acknowledged",
             {"notifications": honoured, "_meta": {META_SUBSCRIPTION_ID: listen_id}},
@@ -810,7 +847,9 @@ class Hub:
         cursor: Any = None
         ch = await entry.channel(peer.era, peer)
         caps = ch.init_result.get("capabilities") or {}
-        if key.startswith("resource") and "resources" not in caps or key in ("tools", "prompts") and key not in caps:
+        if (key.startswith("resource") and "resources" not in caps) or (
+            key in ("tools", "prompts") and key not in caps
+        ):
             return []
         for _ in range(1000):
             params: dict[str, Any] = {}
@@ -872,7 +911,9 @@ class Hub:
             self._remember_tools(page)
         out: dict[str, Any] = {key: page}
         if offset + self.page_size < len(merged):
-            out["nextCursor"] = base64.urlsafe_b64encode(orjson.dumps({"o": offset + self.page_size})).decode()
+            out["nextCursor"] = base64.urlsafe_b64encode(
+                orjson.dumps({"o": offset + self.page_size})
+            ).decode()
         if peer.era == "modern":
             out.update({"resultType": "complete", "ttlMs": 0, "cacheScope": "private"})
         return out

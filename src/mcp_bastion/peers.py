@@ -26,7 +26,7 @@ def level_index(level: Any) -> int:
 class Peer:
     """Base for sessions and exchanges."""
 
-    era: Literal["legacy", "modern"] = "legacy"
+    era: Literal["legacy", "modern"] = "legacy"  # an HTTP+SSE session can turn modern
 
     def __init__(self, peer_id: str, protocol_version: str) -> None:
         self.id = peer_id
@@ -73,7 +73,10 @@ class CallRoute:
             level = rpc.params_of(message).get("level")
             if wanted is None or level_index(level) < level_index(wanted):
                 return
-        elif message.get("method") == "notifications/message" and self.peer.log_level is not None:
-            if not self.peer.wants_log(rpc.params_of(message).get("level")):
-                return
+        elif (
+            message.get("method") == "notifications/message"
+            and self.peer.log_level is not None
+            and not self.peer.wants_log(rpc.params_of(message).get("level"))
+        ):
+            return
         self.peer.deliver(message, self.down_id)

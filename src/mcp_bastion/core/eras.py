@@ -129,7 +129,8 @@ def check_modern_request(message: rpc.Message, headers: Mapping[str, str] | None
     if not isinstance(meta, dict):
         raise rpc.ProtocolError(
             rpc.INVALID_PARAMS,
-            f"params._meta must be an object carrying {META_PROTOCOL_VERSION!r} and {META_CLIENT_CAPABILITIES!r}",
+            "params._meta must be an object carrying "
+            f"{META_PROTOCOL_VERSION!r} and {META_CLIENT_CAPABILITIES!r}",
         )
     missing = [k for k in (META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES) if k not in meta]
     if missing:

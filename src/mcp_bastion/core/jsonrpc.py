@@ -57,7 +57,7 @@ def loads(body: bytes | str) -> Any:
 
 def _valid_id(value: Any) -> bool:
     # bool is an int subclass in Python but never a valid JSON-RPC id.
-    return (isinstance(value, str) or isinstance(value, int)) and not isinstance(value, bool)
+    return isinstance(value, str | int) and not isinstance(value, bool)
 
 
 def validate(message: Any) -> Message:

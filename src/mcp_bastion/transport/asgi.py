@@ -13,7 +13,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 import orjson
@@ -23,15 +23,14 @@ from ..config import GatewaySettings
 from ..core import jsonrpc as rpc
 from ..core.eras import (
     DEFAULT_UNANNOUNCED,
-    H_PROTOCOL_VERSION,
-    H_SESSION,
     HANDSHAKE_VERSIONS,
+    META_PROTOCOL_VERSION,
     MODERN_ERROR_STATUS,
     MODERN_VERSIONS,
     check_modern_request,
     check_param_headers,
-    unsupported_version,
     duplicated_routing_header,
+    unsupported_version,
 )
 from ..hub import Hub
 from ..peers import Peer
@@ -105,7 +104,7 @@ class Stream:
 class LegacySession(Peer):
     """A handshake-era session (Streamable HTTP with Mcp-Session-Id, or HTTP+SSE)."""
 
-    era = "legacy"
+    era: Literal["legacy", "modern"] = "legacy"
 
     def __init__(self, session_id: str, protocol_version: str, hub: Hub, sse_transport: bool = False) -> None:
         super().__init__(session_id, protocol_version)
@@ -138,7 +137,7 @@ class LegacySession(Peer):
 class ModernExchange(Peer):
     """One 2026-07-28 request and its response stream."""
 
-    era = "modern"
+    era: Literal["legacy", "modern"] = "modern"
 
     def __init__(self, protocol_version: str) -> None:
         super().__init__("x-" + secrets.token_hex(8), protocol_version)
@@ -216,11 +215,15 @@ class McpHttpApp:
             return
         if not self.policy.host_ok(_header(scope, b"host")):
             log.warning("rejected_host", host=_header(scope, b"host"), path=path)
-            await respond_json(send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Host header"))
+            await respond_json(
+                send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Host header")
+            )
             return
         if not self.policy.origin_ok(_header(scope, b"origin")):
             log.warning("rejected_origin", origin=_header(scope, b"origin"), path=path)
-            await respond_json(send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Origin header"))
+            await respond_json(
+                send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Origin header")
+            )
             return
         kind, hub = route
         if kind == "mcp":
@@ -250,7 +253,11 @@ class McpHttpApp:
             await asyncio.sleep(min(30.0, max(0.5, self.settings.session_idle_seconds / 4)))
             limit = time.monotonic() - self.settings.session_idle_seconds
             for session in list(self.sessions.values()):
-                if session.active_requests == 0 and session.get_stream is None and session.last_active < limit:
+                if (
+                    session.active_requests == 0
+                    and session.get_stream is None
+                    and session.last_active < limit
+                ):
                     log.info("session_expired", session=session.id[:8])
                     await self._end_session(session)
 
@@ -298,25 +305,33 @@ class McpHttpApp:
         ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json":
             await respond_json(
-                send, 415, rpc.error(None, rpc.INVALID_REQUEST, "Unsupported Media Type: use application/json")
+                send,
+                415,
+                rpc.error(None, rpc.INVALID_REQUEST, "Unsupported Media Type: use application/json"),
             )
             return None
         length = _header(scope, b"content-length")
         limit = self.settings.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
-            await respond_json(send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes"))
+            await respond_json(
+                send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes")
+            )
             return None
         try:
             body = await read_body(receive, limit)
         except BodyTooLarge:
-            await respond_json(send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes"))
+            await respond_json(
+                send, 413, rpc.error(None, rpc.INVALID_REQUEST, f"Payload Too Large: over {limit} bytes")
+            )
             return None
         except ConnectionError:
             return None
         try:
             decoded = rpc.loads(body)
             if isinstance(decoded, list):
-                raise rpc.ProtocolError(rpc.INVALID_REQUEST, "Invalid Request: JSON-RPC batches are not supported")
+                raise rpc.ProtocolError(
+                    rpc.INVALID_REQUEST, "Invalid Request: JSON-RPC batches are not supported"
+                )
             return rpc.validate(decoded)
         except rpc.ProtocolError as exc:
             rid = decoded.get("id") if isinstance(locals().get("decoded"), dict) else None
@@ -326,7 +341,9 @@ class McpHttpApp:
     async def _legacy_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub, version: str) -> None:
         wants_json, wants_sse = _accepts(_header(scope, b"accept"))
         if not wants_json and not wants_sse:
-            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json"))
+            await respond_json(
+                send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json")
+            )
             return
         message = await self._read_message(scope, receive, send)
         if message is None:
@@ -334,12 +351,18 @@ class McpHttpApp:
         sid = _header(scope, b"mcp-session-id")
         if message.get("method") == "initialize" and rpc.is_request(message):
             if sid is not None and sid in self.sessions:
-                err = rpc.error(message["id"], rpc.INVALID_REQUEST, "Invalid Request: session already initialized")
+                err = rpc.error(
+                    message["id"], rpc.INVALID_REQUEST, "Invalid Request: session already initialized"
+                )
                 await respond_json(send, 400, err)
                 return
             if len(self.sessions) >= self.settings.max_sessions:
-                await respond_json(send, 503, rpc.error(message["id"], rpc.INTERNAL_ERROR, "Too many sessions"),
-                                   [(b"retry-after", b"5")])
+                await respond_json(
+                    send,
+                    503,
+                    rpc.error(message["id"], rpc.INTERNAL_ERROR, "Too many sessions"),
+                    [(b"retry-after", b"5")],
+                )
                 return
             session = LegacySession(secrets.token_urlsafe(32), version, hub)
             reply = await hub.request(session, message)
@@ -348,18 +371,30 @@ class McpHttpApp:
                 return
             self.sessions[session.id] = session
             hub.attach(session)
-            log.info("session_started", session=session.id[:8], path=scope["path"],
-                     client=str((session.client_info or {}).get("name", "?"))[:64]
-                     if isinstance(session.client_info, dict) else "?")
+            log.info(
+                "session_started",
+                session=session.id[:8],
+                path=scope["path"],
+                client=str((session.client_info or {}).get("name", "?"))[:64]
+                if isinstance(session.client_info, dict)
+                else "?",
+            )
             await respond_json(send, 200, reply, [(b"mcp-session-id", session.id.encode())])
             return
         if sid is None:
-            await respond_json(send, 400, rpc.error(message.get("id"), rpc.INVALID_REQUEST,
-                                                    "Bad Request: Mcp-Session-Id header is required"))
+            await respond_json(
+                send,
+                400,
+                rpc.error(
+                    message.get("id"), rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"
+                ),
+            )
             return
         found = self.sessions.get(sid)
         if found is None or found.hub is not hub:
-            await respond_json(send, 404, rpc.error(message.get("id"), rpc.INVALID_REQUEST, "Session not found"))
+            await respond_json(
+                send, 404, rpc.error(message.get("id"), rpc.INVALID_REQUEST, "Session not found")
+            )
             return
         session = found
         session.touch()
@@ -371,7 +406,9 @@ class McpHttpApp:
             await respond(send, 202)
             return
         if session.active_requests >= self.settings.max_concurrent_per_session:
-            err = rpc.error(message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session")
+            err = rpc.error(
+                message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session"
+            )
             await respond_json(send, 429, err, [(b"retry-after", b"1")])
             return
         await self._answer(send, receive, session, hub, message, wants_sse, modern=False)
@@ -402,15 +439,22 @@ class McpHttpApp:
         try:
             while True:
                 getter = asyncio.create_task(stream.queue.get())
-                done, _ = await asyncio.wait({task, getter, disconnect}, timeout=keepalive,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {task, getter, disconnect}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter in done:
                     note = getter.result()
                     if not started_sse:
                         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                         started_sse = True
                         if not modern:
-                            await send({"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True})
+                            await send(
+                                {
+                                    "type": "http.response.body",
+                                    "body": sse_event(None, "0"),
+                                    "more_body": True,
+                                }
+                            )
                     await send({"type": "http.response.body", "body": sse_event(note), "more_body": True})
                     continue
                 getter.cancel()
@@ -420,9 +464,13 @@ class McpHttpApp:
                     while not stream.queue.empty():
                         note = stream.queue.get_nowait()
                         if started_sse:
-                            await send({"type": "http.response.body", "body": sse_event(note), "more_body": True})
+                            await send(
+                                {"type": "http.response.body", "body": sse_event(note), "more_body": True}
+                            )
                     if started_sse:
-                        await send({"type": "http.response.body", "body": sse_event(reply), "more_body": False})
+                        await send(
+                            {"type": "http.response.body", "body": sse_event(reply), "more_body": False}
+                        )
                     else:
                         status = 200
                         if modern and "error" in reply:
@@ -441,7 +489,9 @@ class McpHttpApp:
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                     started_sse = True
                     if not modern:
-                        await send({"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True})
+                        await send(
+                            {"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True}
+                        )
                 if started_sse:
                     await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
         except OSError:
@@ -467,18 +517,26 @@ class McpHttpApp:
     async def _legacy_get(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
         _, wants_sse = _accepts(_header(scope, b"accept"))
         if not wants_sse:
-            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept text/event-stream"))
+            await respond_json(
+                send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept text/event-stream")
+            )
             return
         sid = _header(scope, b"mcp-session-id")
         if sid is None:
-            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"))
+            await respond_json(
+                send,
+                400,
+                rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
+            )
             return
         session = self.sessions.get(sid)
         if session is None or session.hub is not hub:
             await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
             return
         if session.get_stream is not None:
-            await respond_json(send, 409, rpc.error(None, rpc.INVALID_REQUEST, "Conflict: a GET stream is already open"))
+            await respond_json(
+                send, 409, rpc.error(None, rpc.INVALID_REQUEST, "Conflict: a GET stream is already open")
+            )
             return
         stream = Stream()
         for m in session.backlog:
@@ -492,18 +550,27 @@ class McpHttpApp:
             session.get_stream = None
             session.touch()
 
-    async def _pump(self, stream: Stream, receive: Receive, send: Send, session: LegacySession,
-                    event: str | None = None) -> None:
+    async def _pump(
+        self, stream: Stream, receive: Receive, send: Send, session: LegacySession, event: str | None = None
+    ) -> None:
         """Copy a stream's messages to an open SSE response until the client leaves."""
         disconnect = asyncio.create_task(self._wait_disconnect(receive))
         try:
             while not session.closed:
                 getter = asyncio.create_task(stream.queue.get())
-                done, _ = await asyncio.wait({getter, disconnect}, timeout=self.settings.keepalive_seconds,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, disconnect},
+                    timeout=self.settings.keepalive_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if getter in done:
-                    await send({"type": "http.response.body", "body": sse_event(getter.result(), event=event),
-                                "more_body": True})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": sse_event(getter.result(), event=event),
+                            "more_body": True,
+                        }
+                    )
                     continue
                 getter.cancel()
                 if disconnect in done:
@@ -519,7 +586,11 @@ class McpHttpApp:
     async def _legacy_delete(self, scope: Scope, send: Send, hub: Hub) -> None:
         sid = _header(scope, b"mcp-session-id")
         if sid is None:
-            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"))
+            await respond_json(
+                send,
+                400,
+                rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
+            )
             return
         session = self.sessions.get(sid)
         if session is None or session.hub is not hub:
@@ -532,7 +603,9 @@ class McpHttpApp:
     async def _modern_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
         wants_json, wants_sse = _accepts(_header(scope, b"accept"))
         if not wants_json:
-            await respond_json(send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json"))
+            await respond_json(
+                send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept application/json")
+            )
             return
         message = await self._read_message(scope, receive, send)
         if message is None:
@@ -555,8 +628,15 @@ class McpHttpApp:
             await respond_json(send, status, exc.to_message(message["id"]))
             return
         if message["method"] == "subscriptions/listen" and not wants_sse:
-            await respond_json(send, 406, rpc.error(message["id"], rpc.INVALID_REQUEST,
-                                                    "Not Acceptable: subscriptions/listen answers with text/event-stream"))
+            await respond_json(
+                send,
+                406,
+                rpc.error(
+                    message["id"],
+                    rpc.INVALID_REQUEST,
+                    "Not Acceptable: subscriptions/listen answers with text/event-stream",
+                ),
+            )
             return
         peer = ModernExchange(envelope.protocol_version)
         peer.client_capabilities = envelope.client_capabilities
@@ -583,8 +663,13 @@ class McpHttpApp:
         base = scope["path"][: -len("/sse")]
         endpoint = f"{scope.get('root_path', '')}{base}/messages?session_id={session.id}"
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        await send({"type": "http.response.body", "body": b"event: endpoint\ndata: " + endpoint.encode() + b"\n\n",
-                    "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"event: endpoint\ndata: " + endpoint.encode() + b"\n\n",
+                "more_body": True,
+            }
+        )
         log.info("sse_session_started", session=session.id[:8], path=scope["path"])
         try:
             await self._pump(stream, receive, send, session, event="message")
@@ -598,7 +683,9 @@ class McpHttpApp:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         sid = (query.get("session_id") or query.get("sessionId") or [None])[0]
         if sid is None:
-            await respond_json(send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: session_id is required"))
+            await respond_json(
+                send, 400, rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: session_id is required")
+            )
             return
         session = self.sessions.get(sid)
         if session is None or not session.sse_transport or session.hub is not hub:
@@ -615,7 +702,22 @@ class McpHttpApp:
         if rpc.is_notification(message):
             await hub.client_notification(session, message)
             return
-        if message["method"] == "initialize":
+        if message["method"] != "initialize" and META_PROTOCOL_VERSION in rpc.meta_of(message):
+            # Over HTTP+SSE the era is the message's own: a 2026-07-28 envelope
+            # (a dual-era client probing with server/discover) makes it a modern request.
+            try:
+                envelope = check_modern_request(message, None)
+            except rpc.ProtocolError as exc:
+                session.deliver(exc.to_message(message["id"]), None)
+                return
+            if not session.initialized:
+                session.era = "modern"
+                session.protocol_version = envelope.protocol_version
+                hub.attach(session)
+                session.initialized = True
+            session.client_capabilities = envelope.client_capabilities
+            session.client_info = envelope.client_info
+        elif message["method"] == "initialize":
             if session.initialized:
                 session.deliver(rpc.error(message["id"], rpc.INVALID_REQUEST, "already initialized"), None)
                 return

@@ -16,8 +16,13 @@ import structlog
 
 from .. import __version__
 from ..core import jsonrpc as rpc
-from ..core.eras import LATEST_HANDSHAKE, LATEST_MODERN, META_CLIENT_CAPABILITIES, META_CLIENT_INFO
-from ..core.eras import META_PROTOCOL_VERSION
+from ..core.eras import (
+    LATEST_HANDSHAKE,
+    LATEST_MODERN,
+    META_CLIENT_CAPABILITIES,
+    META_CLIENT_INFO,
+    META_PROTOCOL_VERSION,
+)
 from ..core.forward import ChannelState, Delivery, Event
 
 Era = Literal["legacy", "modern"]
@@ -94,7 +99,9 @@ class Channel:
             if rpc.is_request(message):
                 pend = self.state.pending.pop(message["id"], None)
                 if pend is not None:
-                    err = rpc.error(pend.down_id, rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r}: {exc}")
+                    err = rpc.error(
+                        pend.down_id, rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r}: {exc}"
+                    )
                     self._dispatch([Delivery(pend.route, err, pend.down_id, final=True)])
 
     def _dispatch(self, events: list[Event]) -> None:
@@ -120,7 +127,7 @@ class Channel:
         if events:
             self._dispatch(events)
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    async def call(self, method: str, params: dict[str, Any] | None = None, wait: float = 30.0) -> Any:
         """A request of the gateway's own; returns the result or raises UpstreamUnavailable."""
         route = FutureRoute()
         msg = self.state.forward_request(
@@ -128,13 +135,13 @@ class Channel:
         )
         await self.send(msg)
         try:
-            reply = await asyncio.wait_for(route.future, timeout)
+            reply = await asyncio.wait_for(route.future, wait)
         except TimeoutError:
             cancel = self.state.cancel(msg["id"], "timed out")
             if cancel is not None:
                 with contextlib.suppress(Exception):
                     await self._write(cancel)
-            raise UpstreamUnavailable(f"{method} timed out after {timeout:g}s") from None
+            raise UpstreamUnavailable(f"{method} timed out after {wait:g}s") from None
         if "error" in reply:
             raise UpstreamUnavailable(f"{method} failed: {reply['error'].get('message')}")
         return reply.get("result", {})

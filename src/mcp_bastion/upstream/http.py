@@ -17,8 +17,15 @@ import orjson
 import structlog
 
 from ..core import jsonrpc as rpc
-from ..core.eras import H_METHOD, H_NAME, H_PROTOCOL_VERSION, H_SESSION, LATEST_MODERN, NAME_BEARING
-from ..core.eras import encode_header_value
+from ..core.eras import (
+    H_METHOD,
+    H_NAME,
+    H_PROTOCOL_VERSION,
+    H_SESSION,
+    LATEST_MODERN,
+    NAME_BEARING,
+    encode_header_value,
+)
 from ..core.forward import Delivery
 from .base import Channel, Era, Sink, UpstreamUnavailable
 
@@ -27,12 +34,12 @@ log = structlog.get_logger("mcp_bastion.http")
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream body."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     async for line in response.aiter_lines():
         if line == "":
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", []
+            event, data = "message", list[str]()
         elif line.startswith(":"):
             continue
         else:
@@ -55,7 +62,9 @@ def _client(timeout: float) -> httpx.AsyncClient:
 
 
 class _HttpBase(Channel):
-    def __init__(self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float):
+    def __init__(
+        self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float
+    ):
         super().__init__(server, era, sink, handshake_timeout=timeout)
         self.url = url
         self.headers = dict(headers)
@@ -84,7 +93,9 @@ class _HttpBase(Channel):
 class StreamableHttpChannel(_HttpBase):
     """Streamable HTTP: one POST per message; replies as JSON or SSE."""
 
-    def __init__(self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float):
+    def __init__(
+        self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float
+    ):
         super().__init__(server, era, sink, url, headers, timeout)
         self.session_id: str | None = None
         self.version = LATEST_MODERN if era == "modern" else ""
@@ -98,7 +109,11 @@ class StreamableHttpChannel(_HttpBase):
             self._spawn(self._get_stream())
 
     def _request_headers(self, message: rpc.Message) -> dict[str, str]:
-        h = {**self.headers, "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        h = {
+            **self.headers,
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
         if self.era == "modern":
             h[H_PROTOCOL_VERSION] = LATEST_MODERN
             if "method" in message:
@@ -117,17 +132,21 @@ class StreamableHttpChannel(_HttpBase):
     async def _write(self, message: rpc.Message) -> None:
         if self.era == "modern" and message.get("method") == "notifications/cancelled":
             # 2026-07-28: closing the response stream is the cancellation.
-            task = self._inflight.pop(rpc.params_of(message).get("requestId"), None)
+            request_id = rpc.params_of(message).get("requestId")
+            task = self._inflight.pop(request_id, None) if isinstance(request_id, str | int) else None
             if task is not None:
                 task.cancel()
             return
         if rpc.is_request(message):
             task = self._spawn(self._post_request(message))
-            self._inflight[message["id"]] = task
-            task.add_done_callback(lambda _t, i=message["id"]: self._inflight.pop(i, None))
+            up_id: rpc.RequestId = message["id"]
+            self._inflight[up_id] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(up_id, None))
             return
         try:
-            resp = await self.client.post(self.url, content=orjson.dumps(message), headers=self._request_headers(message))
+            resp = await self.client.post(
+                self.url, content=orjson.dumps(message), headers=self._request_headers(message)
+            )
             await resp.aclose()
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(str(exc) or type(exc).__name__) from None
@@ -137,7 +156,12 @@ class StreamableHttpChannel(_HttpBase):
             async with self.client.stream(
                 "POST", self.url, content=orjson.dumps(message), headers=self._request_headers(message)
             ) as resp:
-                if resp.status_code == 404 and self.session_id and not retried and message["method"] != "initialize":
+                if (
+                    resp.status_code == 404
+                    and self.session_id
+                    and not retried
+                    and message["method"] != "initialize"
+                ):
                     await resp.aread()
                     await self._reinitialize()
                     await self._post_request(message, retried=True)

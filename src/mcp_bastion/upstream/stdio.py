@@ -22,7 +22,19 @@ from .base import Channel, Era, Sink, UpstreamUnavailable
 
 log = structlog.get_logger("mcp_bastion.stdio")
 
-ENV_ALLOWLIST = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+ENV_ALLOWLIST = (
+    "HOME",
+    "LOGNAME",
+    "PATH",
+    "SHELL",
+    "TERM",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+)
 LINE_LIMIT = 64 * 1024 * 1024
 
 
@@ -112,7 +124,9 @@ class StdioChannel(Channel):
                 await asyncio.gather(reader, errors, return_exceptions=True)
                 self.proc = None
                 if not self.closed:
-                    log.warning("upstream_exited", server=self.server, era=self.era, returncode=proc.returncode)
+                    log.warning(
+                        "upstream_exited", server=self.server, era=self.era, returncode=proc.returncode
+                    )
                 self.lost(f"exited (code {proc.returncode})")
             if self.closed:
                 return
@@ -147,7 +161,9 @@ class StdioChannel(Channel):
                 continue
             if not line:
                 return
-            log.info("upstream_stderr", server=self.server, line=line.decode("utf-8", "replace").rstrip()[:2000])
+            log.info(
+                "upstream_stderr", server=self.server, line=line.decode("utf-8", "replace").rstrip()[:2000]
+            )
 
     async def _write(self, message: rpc.Message) -> None:
         proc = self.proc
