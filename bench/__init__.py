@@ -1,0 +1,1 @@
+"""Benchmark harness for mcp-bastion (issue 3)."""

@@ -1,0 +1,1 @@
+"""Echo upstreams used by the benchmark (SDK-based and raw)."""
