@@ -1,0 +1,84 @@
+"""Era translation: a client of one era in front of an upstream held to the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from mcp import Client
+
+from tests.conftest import GatewayFactory, everything_entry, servers_file
+from tests.test_clients import elicitation, sampling, text_of
+
+MODERN = {
+    "Accept": "application/json, text/event-stream",
+    "Content-Type": "application/json",
+    "MCP-Protocol-Version": "2026-07-28",
+    "Mcp-Method": "tools/call",
+}
+META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {"sampling": {}, "elicitation": {}},
+}
+
+
+async def test_modern_client_handshake_upstream(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """The upstream's sampling and elicitation requests reach a 2026-07-28 client as input_required."""
+    config = servers_file(tmp_path, {"everything": everything_entry(era="legacy")})
+    gw = gateway("serve", "--config", str(config))
+    url = f"{gw.base}/servers/everything/mcp"
+    async with Client(url, sampling_callback=sampling, elicitation_callback=elicitation) as client:
+        assert client.protocol_version == "2026-07-28"
+        res = await client.call_tool("test_sampling", {"prompt": "Capital of France?"})
+        assert "LLM response: Paris" in text_of(res)
+        res = await client.call_tool("test_elicitation", {"message": "Name?"})
+        assert "action=accept" in text_of(res)
+        tools = await client.list_tools()
+        assert any(t.name == "test_simple_text" for t in tools.tools)
+    # The requestState is sealed: a changed one is refused, and so is a replay after use.
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "test_elicitation", "arguments": {"message": "x"}, "_meta": META},
+    }
+    headers = {**MODERN, "Mcp-Name": "test_elicitation"}
+    first = httpx.post(url, headers=headers, json=body, timeout=30).json()["result"]
+    assert first["resultType"] == "input_required"
+    (key,) = first["inputRequests"]
+    state = first["requestState"]
+    tampered = state[:-2] + ("AA" if not state.endswith("AA") else "BB")
+    retry = {
+        **body,
+        "id": 2,
+        "params": {
+            **body["params"],
+            "requestState": tampered,
+            "inputResponses": {key: {"action": "decline"}},
+        },
+    }
+    bad = httpx.post(url, headers=headers, json=retry, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == -32602
+    retry["params"]["requestState"] = state
+    ok = httpx.post(url, headers=headers, json=retry, timeout=30).json()["result"]
+    assert ok["resultType"] == "complete" and "action=decline" in ok["content"][0]["text"]
+    again = httpx.post(url, headers=headers, json={**retry, "id": 3}, timeout=30)
+    assert again.json()["error"]["code"] == -32602
+
+
+async def test_handshake_client_modern_upstream(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """A modern upstream's input_required reaches a handshake-era client as ordinary requests."""
+    config = servers_file(tmp_path, {"everything": everything_entry(era="modern")})
+    gw = gateway("serve", "--config", str(config))
+    url = f"{gw.base}/servers/everything/mcp"
+    async with Client(
+        url, mode="legacy", sampling_callback=sampling, elicitation_callback=elicitation
+    ) as client:
+        assert client.protocol_version == "2025-11-25"
+        res = await client.call_tool("test_input_required_result_elicitation", {})
+        assert "Hello, Ada!" in text_of(res)
+        res = await client.call_tool("test_input_required_result_sampling", {})
+        assert "Model said: Paris" in text_of(res)
+        assert "This is a simple text response" in text_of(await client.call_tool("test_simple_text", {}))
+        prompts = await client.list_prompts()
+        assert prompts.prompts
