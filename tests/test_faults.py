@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 
 from tests.conftest import NOTES_SERVER, GatewayFactory, RunningGateway, notes_entry, servers_file
 from tests.support.external import free_port, start_process, stop_process, wait_for_port
@@ -247,3 +248,32 @@ async def test_client_disconnect_cancels_upstream(gateway: GatewayFactory, tmp_p
             await asyncio.sleep(0.1)
     assert marker.exists()
     still_serving(gw)
+
+
+async def test_aggregate_drops_and_restores_a_crashed_servers_tools(
+    gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    config = servers_file(tmp_path, {"notes": notes_entry(), "other": notes_entry()})
+    gw = gateway("serve", "--config", str(config))
+    seen: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        method = getattr(getattr(message, "root", message), "method", None)
+        if isinstance(method, str):
+            seen.append(method)
+
+    async with Client(gw.url, mode="legacy", message_handler=on_message) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"notes_echo", "other_echo"} <= names
+        with pytest.raises(MCPError, match="exited"):
+            await client.call_tool("notes_crash", {})
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "notes_echo" not in names and "other_echo" in names
+        for _ in range(100):
+            names = {t.name for t in (await client.list_tools()).tools}
+            if "notes_echo" in names:
+                break
+            await asyncio.sleep(0.2)
+        assert "notes_echo" in names
+        await asyncio.sleep(0.5)
+    assert "notifications/tools/list_changed" in seen

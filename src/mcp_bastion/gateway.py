@@ -37,6 +37,8 @@ class Gateway:
         self.entries = {s.name: ServerEntry(s, self._on_events) for s in servers}
         self._listeners: dict[str, list[Hub]] = {name: [] for name in self.entries}
         entries = list(self.entries.values())
+        for entry in entries:
+            entry.on_change = self._server_changed
         if single:
             self._add_hub("", entries)
         else:
@@ -85,6 +87,10 @@ class Gateway:
         if shared:
             for hub in hubs:
                 hub.on_events(channel, shared)
+
+    def _server_changed(self, channel: Channel) -> None:
+        for hub in self._listeners.get(channel.server, []):
+            hub.server_changed(channel)
 
     def health(self) -> dict[str, Any]:
         servers = {

@@ -83,6 +83,8 @@ class ServerEntry:
         self._locks: dict[str, asyncio.Lock] = {}
         self.list_cache: dict[str, list[dict[str, Any]]] = {}
         self.last_error: str | None = None
+        # Called when a channel comes up or goes down: aggregates announce list changes.
+        self.on_change: Callable[[Channel], None] | None = None
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -90,6 +92,7 @@ class ServerEntry:
     async def _open(self, era: Era) -> Channel:
         ch = make_channel(self.config, era, self.on_events)
         ch.on_ready = self._on_ready
+        ch.on_lost = self._on_lost
         try:
             await ch.start()
         except UpstreamUnavailable as exc:
@@ -102,6 +105,13 @@ class ServerEntry:
     def _on_ready(self, channel: Channel) -> None:
         # A (re)started channel: cached lists may be stale.
         self.list_cache.clear()
+        if self.on_change is not None:
+            self.on_change(channel)
+
+    def _on_lost(self, channel: Channel) -> None:
+        self.list_cache.clear()
+        if self.on_change is not None:
+            self.on_change(channel)
 
     def era_for(self, wanted: Era) -> Era:
         if wanted == "modern" and self.modern is False:
@@ -110,8 +120,10 @@ class ServerEntry:
             return "modern"
         return wanted
 
-    async def channel(self, wanted: Era, peer: Peer | None = None) -> Channel:
-        """The channel to use for a peer of era ``wanted`` (translating if the upstream can't)."""
+    async def channel(self, wanted: Era, peer: Peer | None = None, *, wait: bool = True) -> Channel:
+        """The channel to use for a peer of era ``wanted`` (translating if the upstream can't).
+
+        ``wait=False``: a channel that exists but is restarting counts as unavailable now."""
         era = self.era_for(wanted)
         isolated = self.config.isolation == "session" and peer is not None and peer.era == "legacy"
         if isolated:
@@ -122,6 +134,8 @@ class ServerEntry:
         else:
             ch = self.channels.get(era)
             if ch is not None and not ch.closed:
+                if not wait and not ch.ready.is_set():
+                    raise UpstreamUnavailable(f"upstream {self.name!r} is restarting")
                 await self._wait_ready(ch)
                 return ch
         key = f"{era}:{peer.id if isolated and peer else ''}"
@@ -264,6 +278,13 @@ class Hub:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def server_changed(self, channel: Channel) -> None:
+        """A server went away or came back: in an aggregate its tools go or return with it."""
+        if self.single:
+            return
+        for kind in ("tools", "prompts", "resources"):
+            self._broadcast(channel, rpc.notification(f"notifications/{kind}/list_changed"))
 
     def has_legacy_peer(self) -> bool:
         return self._any_legacy_peer() is not None
@@ -845,7 +866,7 @@ class Hub:
         key = LIST_METHODS[method]
         items: list[dict[str, Any]] = []
         cursor: Any = None
-        ch = await entry.channel(peer.era, peer)
+        ch = await entry.channel(peer.era, peer, wait=False)
         caps = ch.init_result.get("capabilities") or {}
         if (key.startswith("resource") and "resources" not in caps) or (
             key in ("tools", "prompts") and key not in caps

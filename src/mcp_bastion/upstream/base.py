@@ -75,6 +75,7 @@ class Channel:
         self.ready = asyncio.Event()
         self.closed = False
         self.on_ready: Callable[[Channel], None] | None = None
+        self.on_lost: Callable[[Channel], None] | None = None
 
     @property
     def label(self) -> str:
@@ -120,7 +121,10 @@ class Channel:
 
     def lost(self, reason: str) -> None:
         """The connection broke: callers in flight get a clear error now."""
+        was_ready = self.ready.is_set()
         self.ready.clear()
+        if was_ready and self.on_lost is not None:
+            self.on_lost(self)
         events: list[Event] = list(
             self.state.fail_all(rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r} {reason}")
         )
