@@ -269,18 +269,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def tree_rss(pid: int) -> tuple[int, int]:
-    """RSS (bytes) and process count of a process and all its descendants."""
+def tree_rss(pid: int) -> list[dict[str, Any]]:
+    """RSS of a process and of each of its descendants: ``[{pid, name, rss_mb}]``, root first."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0
-    total = 0
+        return []
+    out = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total, len(procs)
+            cmd = proc.cmdline()
+            name = " ".join(Path(c).name if i < 2 else c for i, c in enumerate(cmd[:3])) or proc.name()
+            out.append({"pid": proc.pid, "name": name[:80], "rss_mb": round(proc.memory_info().rss / 1e6, 2)})
+    return out
 
 
 class SubjectError(Exception):
@@ -302,7 +304,9 @@ class Running:
         self.tool = "echo"
         self.ready_s = 0.0
         self.idle_rss_mb = 0.0
+        self.idle_root_rss_mb = 0.0
         self.idle_procs = 0
+        self.idle_tree: list[dict[str, Any]] = []
         self.modern_error: str | None = None
 
     @property
@@ -343,9 +347,10 @@ class Running:
             raise
         self.ready_s = time.perf_counter() - t0
         time.sleep(0.5)
-        rss, procs = tree_rss(self.pid)
-        self.idle_rss_mb = round(rss / 1e6, 2)
-        self.idle_procs = procs
+        self.idle_tree = tree_rss(self.pid)
+        self.idle_rss_mb = round(sum(p["rss_mb"] for p in self.idle_tree), 2)
+        self.idle_root_rss_mb = self.idle_tree[0]["rss_mb"] if self.idle_tree else 0.0
+        self.idle_procs = len(self.idle_tree)
         return self
 
     async def _wait_ready(self, t0: float, limit_s: float) -> None:
@@ -410,6 +415,8 @@ class Running:
             "tool": self.tool,
             "ready_s": round(self.ready_s, 3),
             "idle_rss_mb": self.idle_rss_mb,
+            "idle_root_rss_mb": self.idle_root_rss_mb,
             "idle_procs": self.idle_procs,
+            "idle_tree": self.idle_tree,
             "modern_error": self.modern_error,
         }
