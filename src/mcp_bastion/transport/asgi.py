@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -49,6 +50,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 MAX_BUFFERED = 1000  # messages kept for a session whose GET stream is not open
+MAX_LOGS = 64  # resumable POST streams kept per session
 
 
 class BodyTooLarge(Exception):
@@ -101,6 +103,34 @@ class Stream:
         self.queue: asyncio.Queue[rpc.Message] = asyncio.Queue()
 
 
+class EventLog:
+    """The events of one handshake-era POST stream, kept so a client can resume it.
+
+    The request runs on when its connection drops; a GET with ``Last-Event-ID`` replays
+    what the client missed and follows the stream to its end (2025-11-25 resumability).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.entries: list[bytes] = []
+        self.messages = 0  # notifications and requests before the answer
+        self.done = False
+        self.final: rpc.Message | None = None
+        self.changed = asyncio.Event()
+
+    def append(self, message: rpc.Message, final: bool = False) -> None:
+        self.entries.append(sse_event(message, f"{self.key}-{len(self.entries) + 1}"))
+        if final:
+            self.final = message
+            self.done = True
+        else:
+            self.messages += 1
+        self.changed.set()
+
+    def priming(self) -> bytes:
+        return sse_event(None, f"{self.key}-0")
+
+
 class LegacySession(Peer):
     """A handshake-era session (Streamable HTTP with Mcp-Session-Id, or HTTP+SSE)."""
 
@@ -111,6 +141,8 @@ class LegacySession(Peer):
         self.hub = hub
         self.sse_transport = sse_transport
         self.post_streams: dict[rpc.RequestId, Stream] = {}
+        self.logs: dict[str, EventLog] = {}  # resumable POST streams, newest last
+        self._log_ids = itertools.count(1)
         self.get_stream: Stream | None = None
         self.backlog: list[rpc.Message] = []
         self.last_active = time.monotonic()
@@ -129,6 +161,13 @@ class LegacySession(Peer):
             del self.backlog[:-MAX_BUFFERED]
             return
         stream.queue.put_nowait(message)
+
+    def new_log(self) -> EventLog:
+        log = EventLog(f"s{next(self._log_ids)}")
+        self.logs[log.key] = log
+        while len(self.logs) > MAX_LOGS:
+            del self.logs[next(iter(self.logs))]
+        return log
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -411,103 +450,174 @@ class McpHttpApp:
             )
             await respond_json(send, 429, err, [(b"retry-after", b"1")])
             return
-        await self._answer(send, receive, session, hub, message, wants_sse, modern=False)
+        await self._legacy_answer(send, receive, session, hub, message, wants_sse)
 
     async def _answer(
         self,
         send: Send,
         receive: Receive,
-        peer: LegacySession | ModernExchange,
+        peer: ModernExchange,
         hub: Hub,
         message: rpc.Message,
         wants_sse: bool,
-        modern: bool,
     ) -> None:
-        """Run one request; answer as JSON, or as SSE once anything precedes the answer."""
-        down_id = message["id"]
-        stream = peer.stream if isinstance(peer, ModernExchange) else Stream()
-        if isinstance(peer, LegacySession):
-            if wants_sse:
-                peer.post_streams[down_id] = stream
-            peer.active_requests += 1
+        """A 2026-07-28 request: JSON, or SSE once a notification precedes the answer.
+
+        Closing the response stream cancels the request (no resumability in this era)."""
+        stream = peer.stream
+        if not wants_sse:
+            peer.closed = True  # a JSON-only client gets the answer alone
         task = asyncio.create_task(hub.request(peer, message))
-        if isinstance(peer, LegacySession):
-            peer.tasks.add(task)
         disconnect = asyncio.create_task(self._wait_disconnect(receive))
         started_sse = False
-        keepalive = self.settings.keepalive_seconds
         try:
             while True:
                 getter = asyncio.create_task(stream.queue.get())
                 done, _ = await asyncio.wait(
-                    {task, getter, disconnect}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+                    {task, getter, disconnect},
+                    timeout=self.settings.keepalive_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
-                    note = getter.result()
                     if not started_sse:
                         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                         started_sse = True
-                        if not modern:
-                            await send(
-                                {
-                                    "type": "http.response.body",
-                                    "body": sse_event(None, "0"),
-                                    "more_body": True,
-                                }
-                            )
-                    await send({"type": "http.response.body", "body": sse_event(note), "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": sse_event(getter.result()), "more_body": True}
+                    )
                     continue
                 getter.cancel()
                 if task in done:
                     reply = task.result()
-                    # Notifications that raced the answer still go first.
-                    while not stream.queue.empty():
-                        note = stream.queue.get_nowait()
-                        if started_sse:
-                            await send(
-                                {"type": "http.response.body", "body": sse_event(note), "more_body": True}
-                            )
-                    if started_sse:
-                        await send(
-                            {"type": "http.response.body", "body": sse_event(reply), "more_body": False}
+                    if not started_sse:
+                        status = (
+                            MODERN_ERROR_STATUS.get(reply["error"].get("code"), 200)
+                            if "error" in reply
+                            else 200
                         )
-                    else:
-                        status = 200
-                        if modern and "error" in reply:
-                            status = MODERN_ERROR_STATUS.get(reply["error"].get("code"), 200)
                         await respond_json(send, status, reply)
+                        return
+                    while not stream.queue.empty():  # notifications that raced the answer go first
+                        note = sse_event(stream.queue.get_nowait())
+                        await send({"type": "http.response.body", "body": note, "more_body": True})
+                    await send({"type": "http.response.body", "body": sse_event(reply), "more_body": False})
                     return
                 if disconnect in done:
-                    # 2026-07-28: closing the response stream cancels the request.
-                    # Handshake era: a disconnect is not a cancellation; the call runs on.
-                    if modern:
-                        task.cancel()
-                        await hub.detach(peer)
+                    task.cancel()
+                    await hub.detach(peer)
                     return
-                # Timeout: keep the connection alive.
-                if not started_sse and wants_sse:
+                if not wants_sse:
+                    continue
+                if not started_sse:  # a long call: commit to SSE so proxies see bytes
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                     started_sse = True
-                    if not modern:
-                        await send(
-                            {"type": "http.response.body", "body": sse_event(None, "0"), "more_body": True}
-                        )
-                if started_sse:
-                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
         except OSError:
-            if modern:
-                task.cancel()
-                await hub.detach(peer)
+            task.cancel()
+            await hub.detach(peer)
         finally:
             disconnect.cancel()
-            if isinstance(peer, LegacySession):
-                peer.post_streams.pop(down_id, None)
-                peer.active_requests -= 1
-                peer.touch()
-                if task.done():
-                    peer.tasks.discard(task)
-                else:
-                    task.add_done_callback(peer.tasks.discard)
+
+    async def _legacy_answer(
+        self,
+        send: Send,
+        receive: Receive,
+        session: LegacySession,
+        hub: Hub,
+        message: rpc.Message,
+        wants_sse: bool,
+    ) -> None:
+        """A handshake-era request: JSON, or a resumable SSE stream once anything precedes the answer."""
+        down_id = message["id"]
+        session.active_requests += 1
+        task = asyncio.create_task(hub.request(session, message))
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+        if not wants_sse:
+            try:
+                reply = await task
+            finally:
+                session.active_requests -= 1
+                session.touch()
+            await respond_json(send, 200, reply)
+            return
+        stream = Stream()
+        session.post_streams[down_id] = stream
+        log = session.new_log()
+        producer = asyncio.create_task(self._produce(session, down_id, stream, task, log))
+        session.tasks.add(producer)
+        producer.add_done_callback(session.tasks.discard)
+        await self._read_log(send, receive, log, 0, allow_json=True)
+
+    async def _produce(
+        self,
+        session: LegacySession,
+        down_id: rpc.RequestId,
+        stream: Stream,
+        task: asyncio.Task[rpc.Message],
+        log: EventLog,
+    ) -> None:
+        """Move a request's messages and its answer into its event log, whoever is reading."""
+        try:
+            while True:
+                getter = asyncio.create_task(stream.queue.get())
+                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    log.append(getter.result())
+                    continue
+                getter.cancel()
+                while not stream.queue.empty():
+                    log.append(stream.queue.get_nowait())
+                log.append(task.result(), final=True)
+                return
+        finally:
+            session.post_streams.pop(down_id, None)
+            session.active_requests -= 1
+            session.touch()
+
+    async def _read_log(
+        self, send: Send, receive: Receive, log: EventLog, start: int, *, allow_json: bool
+    ) -> None:
+        """Send a log's events from ``start`` until its answer; JSON if the answer came alone."""
+        disconnect = asyncio.create_task(self._wait_disconnect(receive))
+        started = False
+        pos = start
+        try:
+            while True:
+                if allow_json and not started and log.done and log.messages == 0:
+                    assert log.final is not None
+                    await respond_json(send, 200, log.final)
+                    return
+                if not started and (pos < len(log.entries) or not allow_json or log.done):
+                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                    await send({"type": "http.response.body", "body": log.priming(), "more_body": True})
+                    started = True
+                while started and pos < len(log.entries):
+                    await send({"type": "http.response.body", "body": log.entries[pos], "more_body": True})
+                    pos += 1
+                if started and log.done and pos >= len(log.entries):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                log.changed.clear()
+                waiter = asyncio.create_task(log.changed.wait())
+                done, _ = await asyncio.wait(
+                    {waiter, disconnect},
+                    timeout=self.settings.keepalive_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                if disconnect in done:
+                    return  # the request runs on; its events stay in the log for a resume
+                if not done:
+                    if not started:
+                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                        await send({"type": "http.response.body", "body": log.priming(), "more_body": True})
+                        started = True
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        except OSError:
+            return
+        finally:
+            disconnect.cancel()
 
     @staticmethod
     async def _wait_disconnect(receive: Receive) -> None:
@@ -533,6 +643,14 @@ class McpHttpApp:
         if session is None or session.hub is not hub:
             await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
             return
+        last = _header(scope, b"last-event-id")
+        if last is not None and "-" in last:
+            key, _, seq = last.rpartition("-")
+            log = session.logs.get(key)
+            if log is not None and seq.isdigit() and int(seq) <= len(log.entries):
+                session.touch()
+                await self._read_log(send, receive, log, int(seq), allow_json=False)
+                return
         if session.get_stream is not None:
             await respond_json(
                 send, 409, rpc.error(None, rpc.INVALID_REQUEST, "Conflict: a GET stream is already open")
@@ -643,7 +761,7 @@ class McpHttpApp:
         peer.client_info = envelope.client_info
         hub.attach(peer)
         try:
-            await self._answer(send, receive, peer, hub, message, wants_sse, modern=True)
+            await self._answer(send, receive, peer, hub, message, wants_sse)
         finally:
             peer.closed = True
             hub.peers.discard(peer)
