@@ -225,10 +225,12 @@ async def test_client_disconnect_cancels_upstream(gateway: GatewayFactory, tmp_p
         "method": "tools/call",
         "params": {"name": "slow", "arguments": {"seconds": 30}, "_meta": meta},
     }
-    async with httpx.AsyncClient(timeout=60) as client:
-        async with client.stream("POST", gw.url, headers=headers, json=body) as resp:
-            assert resp.status_code == 200
-            await asyncio.sleep(1.0)
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", gw.url, headers=headers, json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        await asyncio.sleep(1.0)
     for _ in range(100):
         if marker.exists():
             break

@@ -36,34 +36,35 @@ async def test_modern_client_handshake_upstream(gateway: GatewayFactory, tmp_pat
         tools = await client.list_tools()
         assert any(t.name == "test_simple_text" for t in tools.tools)
     # The requestState is sealed: a changed one is refused, and so is a replay after use.
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "tools/call",
-        "params": {"name": "test_elicitation", "arguments": {"message": "x"}, "_meta": META},
-    }
-    headers = {**MODERN, "Mcp-Name": "test_elicitation"}
-    first = httpx.post(url, headers=headers, json=body, timeout=30).json()["result"]
-    assert first["resultType"] == "input_required"
-    (key,) = first["inputRequests"]
-    state = first["requestState"]
-    tampered = state[:-2] + ("AA" if not state.endswith("AA") else "BB")
-    retry = {
-        **body,
-        "id": 2,
-        "params": {
-            **body["params"],
-            "requestState": tampered,
-            "inputResponses": {key: {"action": "decline"}},
-        },
-    }
-    bad = httpx.post(url, headers=headers, json=retry, timeout=30)
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == -32602
-    retry["params"]["requestState"] = state
-    ok = httpx.post(url, headers=headers, json=retry, timeout=30).json()["result"]
-    assert ok["resultType"] == "complete" and "action=decline" in ok["content"][0]["text"]
-    again = httpx.post(url, headers=headers, json={**retry, "id": 3}, timeout=30)
-    assert again.json()["error"]["code"] == -32602
+    async with httpx.AsyncClient() as http:
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "test_elicitation", "arguments": {"message": "x"}, "_meta": META},
+        }
+        headers = {**MODERN, "Mcp-Name": "test_elicitation"}
+        first = await http.post(url, headers=headers, json=body, timeout=30).json()["result"]
+        assert first["resultType"] == "input_required"
+        (key,) = first["inputRequests"]
+        state = first["requestState"]
+        tampered = state[:-2] + ("AA" if not state.endswith("AA") else "BB")
+        retry = {
+            **body,
+            "id": 2,
+            "params": {
+                **body["params"],
+                "requestState": tampered,
+                "inputResponses": {key: {"action": "decline"}},
+            },
+        }
+        bad = await http.post(url, headers=headers, json=retry, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == -32602
+        retry["params"]["requestState"] = state
+        ok = await http.post(url, headers=headers, json=retry, timeout=30).json()["result"]
+        assert ok["resultType"] == "complete" and "action=decline" in ok["content"][0]["text"]
+        again = await http.post(url, headers=headers, json={**retry, "id": 3}, timeout=30)
+        assert again.json()["error"]["code"] == -32602
 
 
 async def test_handshake_client_modern_upstream(gateway: GatewayFactory, tmp_path: Path) -> None:
