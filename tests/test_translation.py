@@ -44,7 +44,7 @@ async def test_modern_client_handshake_upstream(gateway: GatewayFactory, tmp_pat
             "params": {"name": "test_elicitation", "arguments": {"message": "x"}, "_meta": META},
         }
         headers = {**MODERN, "Mcp-Name": "test_elicitation"}
-        first = await http.post(url, headers=headers, json=body, timeout=30).json()["result"]
+        first = (await http.post(url, headers=headers, json=body, timeout=30)).json()["result"]
         assert first["resultType"] == "input_required"
         (key,) = first["inputRequests"]
         state = first["requestState"]
@@ -61,7 +61,7 @@ async def test_modern_client_handshake_upstream(gateway: GatewayFactory, tmp_pat
         bad = await http.post(url, headers=headers, json=retry, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == -32602
         retry["params"]["requestState"] = state
-        ok = await http.post(url, headers=headers, json=retry, timeout=30).json()["result"]
+        ok = (await http.post(url, headers=headers, json=retry, timeout=30)).json()["result"]
         assert ok["resultType"] == "complete" and "action=decline" in ok["content"][0]["text"]
         again = await http.post(url, headers=headers, json={**retry, "id": 3}, timeout=30)
         assert again.json()["error"]["code"] == -32602
