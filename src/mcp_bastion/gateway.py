@@ -40,11 +40,11 @@ class Gateway:
         for entry in entries:
             entry.on_change = self._server_changed
         if single:
-            self._add_hub("", entries)
+            self._add_hub("", entries, aggregate=False)
         else:
-            self._add_hub("", entries)
+            self._add_hub("", entries, aggregate=True)
             for entry in entries:
-                self._add_hub(f"/servers/{entry.name}", [entry])
+                self._add_hub(f"/servers/{entry.name}", [entry], aggregate=False)
         policy = HostPolicy(
             settings.port,
             settings.public_url,
@@ -55,11 +55,12 @@ class Gateway:
         self.app = McpHttpApp(self.hubs, settings, policy, self.health)
         self._app_asgi = self.app
 
-    def _add_hub(self, base: str, entries: list[ServerEntry]) -> None:
+    def _add_hub(self, base: str, entries: list[ServerEntry], *, aggregate: bool) -> None:
         hub = Hub(
             base or "/",
             entries,
             prefix_mode=self.settings.prefix_mode,
+            aggregate=aggregate,
             separator=self.settings.separator,
             sealer=self.sealer,
             request_timeout=self.settings.request_timeout_seconds,

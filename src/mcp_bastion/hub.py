@@ -187,6 +187,7 @@ class Hub:
         entries: list[ServerEntry],
         *,
         prefix_mode: PrefixMode,
+        aggregate: bool,
         separator: str = "_",
         sealer: StateSealer,
         page_size: int = 500,
@@ -194,7 +195,8 @@ class Hub:
     ) -> None:
         self.path = path
         self.entries = {e.name: e for e in entries}
-        self.single = len(entries) == 1
+        # One server served as itself (pass-through), or any number merged under one name space.
+        self.single = not aggregate
         mode: PrefixMode = "none" if self.single else prefix_mode
         self.tools = NameMap(mode, separator)
         self.prompts = NameMap(mode, separator)

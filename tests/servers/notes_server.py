@@ -72,5 +72,7 @@ def summarize(topic: str) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "http":
         mcp.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "sse":
+        mcp.run(transport="sse", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         mcp.run(transport="stdio")
