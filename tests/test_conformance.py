@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import GatewayFactory, everything_entry, notes_entry, servers_file
-from tests.support.external import conformance_cmd, everything_server_stdio_cmd, node22_env
+from tests.support.external import (
+    conformance_cmd,
+    everything_server_http_cmd,
+    everything_server_stdio_cmd,
+    free_port,
+    node22_env,
+    running,
+    wait_for_port,
+)
 
 REQUIREMENTS = ["2025-11-25", "2026-07-28"]
 
@@ -44,3 +52,13 @@ def test_aggregated_path_on_collision(gateway: GatewayFactory, tmp_path: Path, r
     config = servers_file(tmp_path, {"everything": everything_entry(), "notes": notes_entry()})
     gw = gateway("serve", "--config", str(config), "--prefix-mode", "on-collision")
     run_suite(gw.url, requirements, tmp_path / "results")
+
+
+@pytest.mark.parametrize("requirements", REQUIREMENTS)
+def test_remote_http_upstream(gateway: GatewayFactory, tmp_path: Path, requirements: str) -> None:
+    """The same suite through a Streamable HTTP upstream (the reference server over HTTP)."""
+    port = free_port()
+    with running(everything_server_http_cmd(port), log=tmp_path / "upstream.log") as upstream:
+        wait_for_port(port, proc=upstream)
+        gw = gateway("expose", "--url", f"http://127.0.0.1:{port}/mcp")
+        run_suite(gw.url, requirements, tmp_path / "results")

@@ -25,6 +25,7 @@ from ..core.eras import (
     LATEST_MODERN,
     NAME_BEARING,
     encode_header_value,
+    x_mcp_headers,
 )
 from ..core.forward import Delivery
 from .base import Channel, Era, Sink, UpstreamUnavailable
@@ -51,6 +52,19 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
                 data.append(value)
     if data:
         yield event, "\n".join(data)
+
+
+def param_headers(schema: Any, arguments: Any) -> dict[str, str]:
+    """The Mcp-Param-* headers a 2026-07-28 tools/call carries for ``x-mcp-header`` properties."""
+    out: dict[str, str] = {}
+    args = arguments if isinstance(arguments, dict) else {}
+    for prop, header in x_mcp_headers(schema).items():
+        value = args.get(prop)
+        if isinstance(value, bool):
+            out[f"Mcp-Param-{header}"] = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            out[f"Mcp-Param-{header}"] = encode_header_value(str(value))
+    return out
 
 
 def _client(timeout: float) -> httpx.AsyncClient:
@@ -100,6 +114,7 @@ class StreamableHttpChannel(_HttpBase):
         self.session_id: str | None = None
         self.version = LATEST_MODERN if era == "modern" else ""
         self._inflight: dict[rpc.RequestId, asyncio.Task[None]] = {}
+        self.tool_schemas: dict[str, Any] = {}  # for the Mcp-Param-* headers of 2026-07-28 calls
         self._reinit = asyncio.Lock()
 
     async def _connect(self) -> None:
@@ -122,6 +137,10 @@ class StreamableHttpChannel(_HttpBase):
                 value = rpc.params_of(message).get(key) if key else None
                 if isinstance(value, str):
                     h[H_NAME] = encode_header_value(value)
+                if message["method"] == "tools/call" and isinstance(value, str):
+                    h.update(
+                        param_headers(self.tool_schemas.get(value), rpc.params_of(message).get("arguments"))
+                    )
         else:
             if self.version:
                 h[H_PROTOCOL_VERSION] = self.version
@@ -170,11 +189,12 @@ class StreamableHttpChannel(_HttpBase):
                 if sid and message["method"] == "initialize":
                     self.session_id = sid
                 ctype = resp.headers.get("content-type", "")
+                learn = message["method"] == "tools/list" and self.era == "modern"
                 if ctype.startswith("text/event-stream"):
                     async for _event, data in sse_events(resp):
-                        self._feed(data)
+                        self._feed(data, learn)
                 elif ctype.startswith("application/json"):
-                    self._feed(await resp.aread())
+                    self._feed(await resp.aread(), learn)
                 else:
                     await resp.aread()
                     self._fail(message, f"HTTP {resp.status_code} without a JSON-RPC answer")
@@ -185,12 +205,16 @@ class StreamableHttpChannel(_HttpBase):
         if message["id"] in self.state.pending:
             self._fail(message, "the response stream ended without an answer")
 
-    def _feed(self, data: bytes | str) -> None:
+    def _feed(self, data: bytes | str, learn_tools: bool = False) -> None:
         try:
             msg = rpc.validate(orjson.loads(data))
         except (orjson.JSONDecodeError, rpc.ProtocolError) as exc:
             log.warning("upstream_bad_message", server=self.server, error=str(exc)[:200])
             return
+        if learn_tools and isinstance(msg.get("result"), dict):
+            for tool in msg["result"].get("tools") or []:
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                    self.tool_schemas[tool["name"]] = tool.get("inputSchema")
         self.received(msg)
 
     async def _reinitialize(self) -> None:
