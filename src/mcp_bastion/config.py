@@ -237,6 +237,9 @@ def load_config_file(path: Path) -> LoadedConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         settings = GatewaySettings()
+        for table in ("gateway", "limits"):
+            if table in data and not isinstance(data[table], dict):
+                raise ConfigError(f"{path}: [{table}] must be a table")
         gateway = dict(data.get("gateway") or {})
         gateway.update(data.get("limits") or {})
         servers_file = gateway.pop("servers_file", None) or gateway.pop("mcp_servers_file", None)

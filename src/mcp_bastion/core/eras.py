@@ -13,6 +13,7 @@ import binascii
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Final
 
 from . import jsonrpc as rpc
@@ -176,6 +177,9 @@ def x_mcp_headers(input_schema: Any) -> dict[str, str]:
     return out
 
 
+_DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
 def _render(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -206,10 +210,13 @@ def check_param_headers(input_schema: Any, arguments: Any, headers: Mapping[str,
         if decoded is None or rendered is None:
             raise rpc.ProtocolError(rpc.HEADER_MISMATCH, f"Mcp-Param-{header} header does not match {prop!r}")
         if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                same = float(decoded) == float(value)
-            except ValueError:
+            # Numbers compare numerically, and exactly: no float rounding of large integers.
+            if not _DECIMAL.fullmatch(decoded):
                 same = False
+            elif isinstance(value, int):
+                same = Decimal(decoded) == value
+            else:
+                same = float(decoded) == value
         else:
             same = decoded == rendered
         if not same:

@@ -187,7 +187,8 @@ class ChannelState:
             return [Delivery(pend.route, out, pend.down_id)]
         meta = params.get("_meta")
         if isinstance(meta, dict) and META_SUBSCRIPTION_ID in meta:
-            pend = self.pending.get(meta[META_SUBSCRIPTION_ID])
+            sub_id = meta[META_SUBSCRIPTION_ID]
+            pend = self.pending.get(sub_id) if isinstance(sub_id, str | int) else None
             if pend is None:
                 return []
             out = {**message, "params": {**params, "_meta": {**meta, META_SUBSCRIPTION_ID: pend.down_id}}}

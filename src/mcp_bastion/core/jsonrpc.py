@@ -78,8 +78,22 @@ def validate(message: Any) -> Message:
     if "result" in message or "error" in message:
         if not _valid_id(message.get("id")):
             raise ProtocolError(INVALID_REQUEST, 'Invalid Request: a response needs a string or integer "id"')
-        if "error" in message and not isinstance(message["error"], dict):
-            raise ProtocolError(INVALID_REQUEST, 'Invalid Request: "error" must be an object')
+        if "result" in message and "error" in message:
+            raise ProtocolError(
+                INVALID_REQUEST, 'Invalid Request: a response has "result" or "error", not both'
+            )
+        if "error" in message:
+            err = message["error"]
+            if (
+                not isinstance(err, dict)
+                or not isinstance(err.get("code"), int)
+                or isinstance(err.get("code"), bool)
+                or not isinstance(err.get("message"), str)
+            ):
+                raise ProtocolError(
+                    INVALID_REQUEST,
+                    'Invalid Request: "error" must be an object with an integer code and a message',
+                )
         return message
     raise ProtocolError(INVALID_REQUEST, "Invalid Request: neither a request, a notification nor a response")
 

@@ -20,7 +20,7 @@ _SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 
 def valid_server_name(name: str) -> bool:
     """Server names become URI scheme prefixes and path segments, so they are kept plain."""
-    return bool(_SERVER_NAME.match(name))
+    return bool(_SERVER_NAME.fullmatch(name))
 
 
 def fit_name(name: str) -> str:
@@ -28,6 +28,12 @@ def fit_name(name: str) -> str:
     if len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return name[: MAX_NAME - 11] + "-" + digest
+
+
+def hashed_name(name: str, key: str) -> str:
+    """A name made unique by a hash of ``key``, within 128 characters."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return name[: MAX_NAME - 11] + "-" + digest
 
 
@@ -48,25 +54,44 @@ class NameMap:
 
     def rebuild(self, lists: Mapping[str, Iterable[str]]) -> None:
         """Recompute every mapping from the current lists (servers sorted: deterministic)."""
+        names = {server: sorted(set(items)) for server, items in lists.items()}
         counts: dict[str, int] = {}
-        names = {server: list(items) for server, items in lists.items()}
         for items in names.values():
-            for n in set(items):
+            for n in items:
                 counts[n] = counts.get(n, 0) + 1
-        self.exposed = {}
-        self.by_server = {}
+        first = min(names) if names else ""
+        plain: list[tuple[str, str]] = []
+        prefixed: list[tuple[str, str]] = []
         for server in sorted(names):
-            table: dict[str, str] = {}
             for n in names[server]:
-                prefixed = self.mode == "always" or (self.mode == "on-collision" and counts[n] > 1)
-                out = fit_name(f"{server}{self.separator}{n}") if prefixed else n
-                if out in self.exposed:  # a prefixed name equal to another server's plain one
-                    out = fit_name(f"{server}{self.separator}{n}")
-                    if out in self.exposed:
-                        continue
-                self.exposed[out] = (server, n)
-                table[n] = out
-            self.by_server[server] = table
+                if self.mode == "always":
+                    wants_prefix = True
+                elif self.mode == "on-collision":
+                    wants_prefix = counts[n] > 1
+                else:  # "none": one server in practice; on a clash the first server keeps the name
+                    wants_prefix = counts[n] > 1 and server != first
+                (prefixed if wants_prefix else plain).append((server, n))
+        self.exposed = {}
+        self.by_server = {server: {} for server in names}
+        # Prefixed names are claimed first; a plain name that one of them already holds
+        # is prefixed in turn, and a name still taken gets a hash of its own: no tool is
+        # ever lost, and none resolves to another server's.
+        for server, n in prefixed:
+            self._claim(self._free(fit_name(f"{server}{self.separator}{n}"), server, n), server, n)
+        for server, n in plain:
+            out = n if n not in self.exposed else fit_name(f"{server}{self.separator}{n}")
+            self._claim(self._free(out, server, n), server, n)
+
+    def _free(self, out: str, server: str, name: str) -> str:
+        salt = 0
+        while out in self.exposed:
+            out = hashed_name(f"{server}{self.separator}{name}", f"{server}\0{name}\0{salt}")
+            salt += 1
+        return out
+
+    def _claim(self, out: str, server: str, name: str) -> None:
+        self.exposed[out] = (server, name)
+        self.by_server[server][name] = out
 
     def expose(self, server: str, name: str) -> str:
         table = self.by_server.get(server)
@@ -129,6 +154,8 @@ class UriMap:
 
     def resolve(self, uri: str, servers: Iterable[str]) -> tuple[str, str] | None:
         known = list(servers)
+        if self.mode == "on-collision" and uri in self.plain:
+            return self.plain[uri], uri
         if self.mode != "none":
             for server in sorted(known, key=len, reverse=True):
                 prefix = f"{server}+"

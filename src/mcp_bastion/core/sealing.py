@@ -32,11 +32,15 @@ class StateSealer:
             return None
         try:
             body_s, mac_s = token[len(_PREFIX) :].split(".", 1)
-            body = body_s.encode()
-            mac = base64.urlsafe_b64decode(mac_s + "=" * (-len(mac_s) % 4))
+            body = body_s.encode("ascii")
         except (ValueError, UnicodeEncodeError):
             return None
-        if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
+        # Compare the encoded MAC as text: lenient base64 decoding would let several
+        # spellings of one MAC through, and the state must not be malleable.
+        expected = (
+            base64.urlsafe_b64encode(hmac.new(self._key, body, hashlib.sha256).digest()).decode().rstrip("=")
+        )
+        if not hmac.compare_digest(mac_s.encode("utf-8", "surrogatepass"), expected.encode()):
             return None
         try:
             data = orjson.loads(base64.urlsafe_b64decode(body))
