@@ -115,6 +115,14 @@ def test_bad_input_gets_clear_errors(notes_gateway: RunningGateway) -> None:
     still_serving(gw)
 
 
+def test_sessionless_requests_when_allowed(gateway: GatewayFactory) -> None:
+    """ChatGPT sends tools/call without the session id it was given: answered if allowed."""
+    gw = gateway("expose", "--", *NOTES_SERVER, env={"MCP_BASTION_ALLOW_SESSIONLESS": "true"})
+    open_session(gw.url)
+    reply = call(gw.url, {**HEADERS, "MCP-Protocol-Version": "2025-06-18"}, "echo", {"text": "no session"})
+    assert reply["result"]["content"][0]["text"] == "no session"
+
+
 def test_session_lifecycle(notes_gateway: RunningGateway) -> None:
     url = notes_gateway.url
     h = open_session(url)

@@ -65,6 +65,18 @@ async def test_modern_client_handshake_upstream(gateway: GatewayFactory, tmp_pat
         assert ok["resultType"] == "complete" and "action=decline" in ok["content"][0]["text"]
         again = await http.post(url, headers=headers, json={**retry, "id": 3}, timeout=30)
         assert again.json()["error"]["code"] == -32602
+        # A client that did not declare sampling is told so (-32021), not asked.
+        no_caps = {**META, "io.modelcontextprotocol/clientCapabilities": {}}
+        sampling_call = {
+            "jsonrpc": "2.0",
+            "id": 4,
+            "method": "tools/call",
+            "params": {"name": "test_sampling", "arguments": {"prompt": "x"}, "_meta": no_caps},
+        }
+        refused = await http.post(url, headers={**MODERN, "Mcp-Name": "test_sampling"}, json=sampling_call)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == -32021
+        assert "sampling" in refused.json()["error"]["data"]["requiredCapabilities"]
 
 
 async def test_handshake_client_modern_upstream(gateway: GatewayFactory, tmp_path: Path) -> None:

@@ -161,6 +161,9 @@ class GatewaySettings:
     max_concurrent_per_session: int = 64
     request_timeout_seconds: float = 300.0
     keepalive_seconds: float = 15.0
+    # Answer handshake-era requests that carry no Mcp-Session-Id (as ChatGPT sends after its
+    # first initialize) statelessly instead of with 400. Off: the spec's SHOULD is 400.
+    allow_sessionless: bool = False
     log_level: str = "info"
     log_format: Literal["json", "console"] = "json"
 

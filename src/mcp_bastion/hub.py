@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from . import __version__
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .core import jsonrpc as rpc
 from .core.eras import (
     LATEST_MODERN,
@@ -51,6 +51,12 @@ LIST_METHODS = {
 CACHEABLE = {*LIST_METHODS, "resources/read", "server/discover"}
 ENVELOPE_KEYS = (META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL)
 MRTR_HOLD_SECONDS = 300.0
+# What a client must declare to be asked each kind of server request.
+CAPABILITY_FOR = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
 # Methods the 2026-07-28 revision removed; a modern request for one is an unknown method.
 REMOVED_IN_MODERN = frozenset(
     {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
@@ -90,7 +96,11 @@ class ServerEntry:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def _open(self, era: Era) -> Channel:
-        ch = make_channel(self.config, era, self.on_events)
+        try:
+            ch = make_channel(self.config, era, self.on_events)
+        except ConfigError as exc:  # e.g. a secret reference that does not resolve
+            self.last_error = str(exc)
+            raise UpstreamUnavailable(f"upstream {self.name!r}: {exc}") from None
         ch.on_ready = self._on_ready
         ch.on_lost = self._on_lost
         try:
@@ -512,7 +522,17 @@ class Hub:
             peer.inflight[down_id] = (channel, up["id"])
             await channel.send(up)
             try:
-                kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+                while True:
+                    kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+                    if kind == "final":
+                        break
+                    # A handshake-era upstream asked a 2026-07-28 client something outside
+                    # tools/call, where no input_required round trip exists: it is refused.
+                    await channel.send(
+                        rpc.error(
+                            payload.up_id, rpc.METHOD_NOT_FOUND, "the client cannot answer requests here"
+                        )
+                    )
             except TimeoutError:
                 await self.cancel(peer, down_id, "timed out")
                 return rpc.error(
@@ -520,8 +540,6 @@ class Hub:
                 )
             finally:
                 peer.inflight.pop(down_id, None)
-            if kind != "final":
-                continue
             reply: rpc.Message = payload
             result = reply.get("result")
             if (
@@ -611,6 +629,26 @@ class Hub:
         if finals:
             self.held.pop(held.handle, None)
             return self._from_upstream(peer, channel, channel.server, "tools/call", finals[0])
+        missing = {
+            CAPABILITY_FOR[ev.message["method"]]
+            for _, ev in batch
+            if CAPABILITY_FOR.get(ev.message["method"]) not in (None, *peer.client_capabilities)
+        }
+        if missing:
+            # The client did not declare what the upstream needs: say so (-32021), stop the call.
+            for _, ev in batch:
+                await channel.send(
+                    rpc.error(ev.up_id, rpc.METHOD_NOT_FOUND, "the client lacks this capability")
+                )
+            self.held.pop(held.handle, None)
+            note = channel.state.cancel(held.up_id, "client lacks a required capability")
+            if note is not None:
+                await channel.send(note)
+            raise rpc.ProtocolError(
+                rpc.MISSING_CLIENT_CAPABILITY,
+                "Missing required client capability",
+                {"requiredCapabilities": {cap: {} for cap in sorted(missing)}},
+            )
         input_requests: dict[str, Any] = {}
         for n, (_, ev) in enumerate(batch):
             key = f"input-{held.up_id}-{len(held.outstanding) + n}"

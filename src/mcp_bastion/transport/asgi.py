@@ -420,6 +420,9 @@ class McpHttpApp:
             )
             await respond_json(send, 200, reply, [(b"mcp-session-id", session.id.encode())])
             return
+        if sid is None and self.settings.allow_sessionless and rpc.is_request(message):
+            await self._sessionless(send, receive, hub, message, version, wants_sse)
+            return
         if sid is None:
             await respond_json(
                 send,
@@ -517,6 +520,18 @@ class McpHttpApp:
             await hub.detach(peer)
         finally:
             disconnect.cancel()
+
+    async def _sessionless(
+        self, send: Send, receive: Receive, hub: Hub, message: rpc.Message, version: str, wants_sse: bool
+    ) -> None:
+        """A handshake-era request outside any session, answered on its own (allow_sessionless)."""
+        session = LegacySession(secrets.token_urlsafe(16), version, hub)
+        hub.attach(session)
+        try:
+            await self._legacy_answer(send, receive, session, hub, message, wants_sse)
+        finally:
+            session.closed = True
+            await hub.detach(session)
 
     async def _legacy_answer(
         self,
@@ -841,6 +856,11 @@ class McpHttpApp:
                 return
             session.initialized = True
             hub.attach(session)
+
+        if session.active_requests >= self.settings.max_concurrent_per_session:
+            err = rpc.error(message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session")
+            session.deliver(err, None)
+            return
 
         async def run() -> None:
             session.active_requests += 1
