@@ -849,7 +849,7 @@ class Runner:
             for sidx in queue:
                 if self.aborted is not None or time.perf_counter() > self.deadline:
                     break
-                if len(held) % 200 == 0 and self._over_memory():
+                if self._over_memory():
                     break
                 session.session_id = None
                 t1 = time.perf_counter()
@@ -894,6 +894,7 @@ class Runner:
             "setup_ms": percentiles(self.setup_latencies),
             "rss_before_mb": round(rss0 / 1e6, 2),
             "rss_after_mb": round(rss1 / 1e6, 2),
+            "rss_delta_mb": round((rss1 - rss0) / 1e6, 2),
             "rss_per_session_kb": round((rss1 - rss0) / n / 1e3, 3) if n else None,
             "alive_checked": checked,
             "alive": alive,

@@ -161,8 +161,9 @@ def throughput_tables(res: Results) -> list[str]:
                     key = (s, era, payload, c)
                     vals = res.values(key, thr)
                     text = med_range(vals)
-                    if vals and s != BASELINE:
-                        text += " " + ratio_text(res.ratios(key, BASELINE, thr))
+                    ratio = ratio_text(res.ratios(key, BASELINE, thr)) if vals and s != BASELINE else ""
+                    if ratio:
+                        text += " " + ratio
                     cells.append(text)
                 if any(c != "–" for c in cells):
                     rows.append([f"`{s}`", *cells])
@@ -515,7 +516,8 @@ def plots(res: Results, out: Path) -> list[Path]:
                 ax.set_ylabel("verified calls/s")
                 ax.set_title(f"{era} era, {payload_name(payload)}, upstream: {up}")
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=7)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
         fig.suptitle("Throughput against concurrency (median, min–max bars)")
         fig.tight_layout()
         path = out / f"throughput_{era}.png"
@@ -547,7 +549,8 @@ def plots(res: Results, out: Path) -> list[Path]:
                 ax.set_ylabel("percentile")
                 ax.set_title(f"C={TARGET_C}, {era} era, {payload_name(small)}, upstream: {up}")
                 ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=7)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
         fig.suptitle(f"Latency CDF at C={TARGET_C} (median of each percentile over rounds)")
         fig.tight_layout()
         path = out / f"latency_cdf_c{TARGET_C}.png"

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +54,8 @@ class Plan:
     max_seconds: float = 300.0
     max_rss_mb: float = 8192.0
     timeout: float = 30.0
+    min_rate: float = 20.0  # a subject slower than this (calls/s) in a cell that ran out of time
+    # is not measured further in that era in that round
 
     def calls_per_session(self, payload: int, concurrency: int) -> int:
         total = self.calls_small if payload <= 1024 else self.calls_large
@@ -164,8 +167,8 @@ class Bench:
             result["error"] = f"subject died: {running.log_tail()}"
         return result
 
-    def start(self, subject: Subject, rnd: int, phase: str) -> Running | None:
-        base = {"scenario": "start", "round": rnd, "phase": phase, **subject_label(subject)}
+    def start(self, subject: Subject, rnd: int, phase: str, reason: str | None = None) -> Running | None:
+        base = {"scenario": "start", "round": rnd, "phase": phase, "reason": reason, **subject_label(subject)}
         missing = subject.missing()
         if missing is not None:
             self.rec.write({**base, "status": "skipped", "error": missing})
@@ -196,6 +199,7 @@ class Bench:
             return
         try:
             for era in plan.eras:
+                too_slow: str | None = None
                 for payload in plan.payloads:
                     for conc in plan.concurrency:
                         label = {
@@ -209,12 +213,13 @@ class Bench:
                         if era == "modern" and running.modern_error:
                             self.rec.write({**label, "status": "unsupported", "error": running.modern_error})
                             continue
-                        if not running.alive():
-                            running.stop()
-                            restarted = self.start(subject, rnd, "restart")
-                            if restarted is None:
-                                return
-                            running = restarted
+                        if too_slow:
+                            self.rec.write({**label, "status": "skipped", "error": too_slow})
+                            continue
+                        restarted = self.clean(running, subject, rnd)
+                        if restarted is None:
+                            return
+                        running = restarted
                         result = self.loadgen(
                             running,
                             label,
@@ -235,6 +240,16 @@ class Bench:
                         )
                         self.rec.write(result)
                         log(summary(result))
+                        rate = float(result.get("throughput") or 0.0)
+                        if rate < plan.min_rate and (result.get("skipped") or result.get("aborted")):
+                            too_slow = (
+                                f"too slow: {rate:.1f} calls/s at {payload_name(payload)} C={conc} "
+                                f"with calls left undone"
+                            )
+            restarted = self.clean(running, subject, rnd)
+            if restarted is None:
+                return
+            running = restarted
             if running.alive():
                 self.storm(running, subject, rnd)
             if not plan.fresh_idle and running.alive():
@@ -250,6 +265,15 @@ class Bench:
             self.idle(running, subject, rnd)
         finally:
             running.stop()
+
+    def clean(self, running: Running, subject: Subject, rnd: int) -> Running | None:
+        """The subject as it was when idle: restarted if it died or kept processes from the last cell."""
+        reason = "it died" if not running.alive() else running.leftovers()
+        if reason is None:
+            return running
+        log(f"{subject.name}: restarting: {reason}")
+        running.stop()
+        return self.start(subject, rnd, "restart", reason)
 
     def storm(self, running: Running, subject: Subject, rnd: int) -> None:
         plan = self.plan
@@ -287,6 +311,10 @@ class Bench:
             for subject in order:
                 self.run_subject(subject, rnd)
         self.rec.close()
+
+
+def payload_name(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
 
 
 def subject_label(subject: Subject) -> dict[str, Any]:
@@ -390,6 +418,10 @@ def output_dir(preset: str, out: str | None) -> Path:
     return path
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -429,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     if not subjects:
         p.error(f"no subject matches {a.subjects}")
 
+    # SIGTERM and SIGINT (ignored by default in background jobs) unwind through the `finally`
+    # blocks, which stop the subject's process group and the load generator.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     pin = not a.no_pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
     if pin:
         os.sched_setaffinity(0, {LOADGEN_CPU})

@@ -383,6 +383,17 @@ class Running:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def leftovers(self) -> str | None:
+        """Why the subject should be restarted before the next cell: more processes than when idle.
+
+        (supergateway --stateful keeps one upstream per session, and the sessions of a cell whose
+        set-up timed out are never deleted: they would weigh on every later cell.)
+        """
+        procs = len(tree_rss(self.pid)) if self.alive() else 0
+        if procs > self.idle_procs:
+            return f"{procs} processes in the tree, {self.idle_procs} when it was idle"
+        return None
+
     def stop(self) -> None:
         """Terminate the subject's process group and any descendant that left it."""
         proc = self.proc
