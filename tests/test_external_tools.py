@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.support import external
 
 # Scored scenarios the pinned suite runs against the reference server (2025-11-25: 30 scenarios,

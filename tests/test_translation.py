@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 from mcp import Client
 
-from tests.conftest import GatewayFactory, everything_entry, servers_file
+from tests.conftest import GatewayFactory, everything_entry, notes_entry, servers_file
 from tests.test_clients import elicitation, sampling, text_of
 
 MODERN = {
@@ -95,3 +97,26 @@ async def test_handshake_client_modern_upstream(gateway: GatewayFactory, tmp_pat
         assert "This is a simple text response" in text_of(await client.call_tool("test_simple_text", {}))
         prompts = await client.list_prompts()
         assert prompts.prompts
+
+
+async def test_handshake_client_resource_subscription(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """resources/subscribe in front of a 2026-07-28 upstream: a held subscriptions/listen stands in.
+    (In front of a handshake-era upstream it is forwarded; the conformance suite covers that.)"""
+    config = servers_file(tmp_path, {"notes": notes_entry(era="modern")})
+    gw = gateway("serve", "--config", str(config))
+    updates: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        root = getattr(message, "root", message)
+        if getattr(root, "method", None) == "notifications/resources/updated":
+            updates.append(str(root.params.uri))
+
+    async with Client(gw.url, mode="legacy", message_handler=on_message) as client:
+        await client.subscribe_resource("notes+notes://all")
+        await asyncio.sleep(0.5)
+        await client.call_tool("notes_add_note", {"text": "hello"})
+        for _ in range(50):
+            if updates:
+                break
+            await asyncio.sleep(0.1)
+    assert updates and updates[0] == "notes+notes://all"

@@ -63,6 +63,19 @@ REMOVED_IN_MODERN = frozenset(
 )
 
 
+class ListenRoute(CallRoute):
+    """A subscriptions/listen the gateway holds upstream for a handshake-era client."""
+
+    def forward(self, channel: Channel, message: rpc.Message, hub: Hub) -> None:
+        method = message.get("method")
+        if method not in ("notifications/resources/updated",) and not str(method).endswith("/list_changed"):
+            return  # the acknowledgement, or the listen's end
+        params = {k: v for k, v in rpc.params_of(message).items() if k != "_meta"}
+        if "uri" in params:
+            params["uri"] = hub.uris.expose(channel.server, str(params["uri"]))
+        self.peer.deliver({**message, "params": params}, None)
+
+
 class HeldCall:
     """A legacy upstream call paused on server requests while a modern client answers them."""
 
@@ -238,6 +251,12 @@ class Hub:
         self.peers.discard(peer)
         for down_id in list(peer.inflight):
             await self.cancel(peer, down_id, "client went away")
+        for ch, up_id in list(peer.upstream_listens.values()):
+            note = ch.state.cancel(up_id, "session ended")
+            if note is not None:
+                with contextlib.suppress(Exception):
+                    await ch.send(note)
+        peer.upstream_listens.clear()
         for ch in list(peer.hub_channels.values()):
             await ch.close()
         peer.hub_channels.clear()
@@ -257,7 +276,9 @@ class Hub:
         for ev in events:
             if isinstance(ev, Delivery):
                 route = ev.route
-                if isinstance(route, CallRoute):
+                if isinstance(route, ListenRoute):
+                    route.forward(channel, ev.message, self)
+                elif isinstance(route, CallRoute):
                     if ev.final:
                         route.queue.put_nowait(("final", ev.message))
                     else:
@@ -850,11 +871,37 @@ class Hub:
         )
         entry = self.entries[server]
         ch = await entry.channel("legacy", peer)
-        if ch.era != "legacy":
-            return rpc.result(message["id"], {})
+        if ch.era == "modern":
+            return await self._modern_subscription(
+                peer, ch, message, str(rpc.params_of(rewritten).get("uri", ""))
+            )
         return await self._exchange(
             peer, ch, rewritten, CallRoute(owner=self, peer=peer, down_id=message["id"])
         )
+
+    async def _modern_subscription(
+        self, peer: Peer, ch: Channel, message: rpc.Message, upstream_uri: str
+    ) -> rpc.Message:
+        """resources/(un)subscribe from a handshake-era client to a 2026-07-28 upstream: a
+        ``subscriptions/listen`` held upstream for that URI stands in for the subscription."""
+        key = f"{ch.server}|{upstream_uri}"
+        held = peer.upstream_listens.pop(key, None)
+        if held is not None:
+            note = held[0].state.cancel(held[1], "unsubscribed")
+            if note is not None:
+                await held[0].send(note)
+        if message["method"] == "resources/subscribe":
+            route = ListenRoute(owner=self, peer=peer, down_id=f"listen-{key}")
+            params = {
+                "notifications": {"resourceSubscriptions": [upstream_uri]},
+                "_meta": modern_meta(peer.client_capabilities, peer.client_info),
+            }
+            up = ch.state.forward_request(
+                route, rpc.request(route.down_id, "subscriptions/listen", params), accepts_requests=False
+            )
+            peer.upstream_listens[key] = (ch, up["id"])
+            await ch.send(up)
+        return rpc.result(message["id"], {})
 
     def _route_uri(self, message: rpc.Message, uri: str) -> tuple[str, rpc.Message]:
         found = self.uris.resolve(uri, list(self.entries))

@@ -43,6 +43,8 @@ class Peer:
         self._ids = itertools.count(1)
         self.closed = False
         self.hub_channels: dict[str, Channel] = {}  # isolated channels owned by this peer
+        # Upstream subscriptions/listen requests held for this peer: "server|uri" -> (channel, id).
+        self.upstream_listens: dict[str, tuple[Channel, rpc.RequestId]] = {}
 
     def next_request_id(self) -> str:
         return f"b{next(self._ids)}"

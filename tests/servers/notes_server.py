@@ -6,6 +6,7 @@ Run: python notes_server.py [stdio|http PORT]
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -23,9 +24,12 @@ def echo(text: str) -> str:
 
 
 @mcp.tool()
-def add_note(text: str) -> str:
-    """Store a note."""
+async def add_note(text: str, ctx: Context) -> str:
+    """Store a note; subscribers of notes://all hear of it."""
     NOTES.append(text)
+    await ctx.notify_resource_updated("notes://all")  # 2026-07-28 subscriptions/listen
+    with contextlib.suppress(Exception):  # handshake-era resources/subscribe
+        await ctx.session.send_resource_updated("notes://all")
     return f"{len(NOTES)} notes"
 
 

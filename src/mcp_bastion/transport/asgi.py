@@ -858,7 +858,9 @@ class McpHttpApp:
             hub.attach(session)
 
         if session.active_requests >= self.settings.max_concurrent_per_session:
-            err = rpc.error(message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session")
+            err = rpc.error(
+                message["id"], rpc.TOO_MANY_REQUESTS, "Too many concurrent requests in this session"
+            )
             session.deliver(err, None)
             return
 
