@@ -639,6 +639,19 @@ class McpHttpApp:
         while (await receive())["type"] != "http.disconnect":
             pass
 
+    async def _session_of(self, scope: Scope, send: Send, hub: Hub) -> LegacySession | None:
+        """The request's session; None after answering 400 (no Mcp-Session-Id) or 404 (unknown)."""
+        sid = _header(scope, b"mcp-session-id")
+        if sid is None:
+            err = rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required")
+            await respond_json(send, 400, err)
+            return None
+        session = self.sessions.get(sid)
+        if session is None or session.hub is not hub:
+            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+            return None
+        return session
+
     async def _legacy_get(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
         _, wants_sse = _accepts(_header(scope, b"accept"))
         if not wants_sse:
@@ -646,17 +659,8 @@ class McpHttpApp:
                 send, 406, rpc.error(None, rpc.INVALID_REQUEST, "Not Acceptable: accept text/event-stream")
             )
             return
-        sid = _header(scope, b"mcp-session-id")
-        if sid is None:
-            await respond_json(
-                send,
-                400,
-                rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
-            )
-            return
-        session = self.sessions.get(sid)
-        if session is None or session.hub is not hub:
-            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+        session = await self._session_of(scope, send, hub)
+        if session is None:
             return
         last = _header(scope, b"last-event-id")
         if last is not None and "-" in last:
@@ -717,20 +721,11 @@ class McpHttpApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _legacy_delete(self, scope: Scope, send: Send, hub: Hub) -> None:
-        sid = _header(scope, b"mcp-session-id")
-        if sid is None:
-            await respond_json(
-                send,
-                400,
-                rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"),
-            )
-            return
-        session = self.sessions.get(sid)
-        if session is None or session.hub is not hub:
-            await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
+        session = await self._session_of(scope, send, hub)
+        if session is None:
             return
         await self._end_session(session)
-        log.info("session_ended", session=sid[:8])
+        log.info("session_ended", session=session.id[:8])
         await respond(send, 200)
 
     async def _modern_post(self, scope: Scope, receive: Receive, send: Send, hub: Hub) -> None:
