@@ -68,12 +68,13 @@ class CeilingApp:
         if method != "POST":
             await _reply(send, 405, b"")
             return
-        body = b""
+        chunks: list[bytes] = []
         more = True
         while more:
             message = await receive()
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
             msg = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover - orjson is a bench requirement, stdlib 
 MODERN = "2026-07-28"
 HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 PROTOCOL_VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
+SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
+CACHEABLE = ("server/discover", "tools/list")  # results that carry ttlMs/cacheScope at 2026-07-28
 SERVER_INFO = {"name": "bench-raw-echo", "version": "1.0.0"}
 CAPABILITIES: dict[str, Any] = {"tools": {"listChanged": False}}
 
@@ -108,11 +110,17 @@ def respond(msg: Any) -> dict[str, Any] | None:
         version = asked if asked in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
         result = {"protocolVersion": version, "capabilities": CAPABILITIES, "serverInfo": SERVER_INFO}
     elif method == "server/discover":
-        result = {"supportedVersions": [MODERN], "capabilities": CAPABILITIES, "serverInfo": SERVER_INFO}
+        result = {"supportedVersions": [MODERN], "capabilities": CAPABILITIES}
     else:
         return _error(req_id, -32601, f"Method not found: {method}")
     if modern:
+        # The 2026-07-28 wire: every result says it is complete and who answered; lists and
+        # discovery carry caching directives.
         result["resultType"] = "complete"
+        result["_meta"] = {SERVER_INFO_META_KEY: SERVER_INFO}
+        if method in CACHEABLE:
+            result["ttlMs"] = 0
+            result["cacheScope"] = "private"
     return {"jsonrpc": "2.0", "id": req_id, "result": result}
 
 
