@@ -544,7 +544,8 @@ class Hub:
             await channel.send(up)
             try:
                 while True:
-                    kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+                    async with asyncio.timeout(self.request_timeout):  # no task per wait, unlike wait_for
+                        kind, payload = await route.queue.get()
                     if kind == "final":
                         break
                     # A handshake-era upstream asked a 2026-07-28 client something outside
