@@ -53,7 +53,6 @@ class Gateway:
             settings.host,
         )
         self.app = McpHttpApp(self.hubs, settings, policy, self.health)
-        self._app_asgi = self.app
 
     def _add_hub(self, base: str, entries: list[ServerEntry], *, aggregate: bool) -> None:
         hub = Hub(

@@ -14,7 +14,7 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -1026,6 +1026,3 @@ class Hub:
         if peer.era == "modern":
             out.update({"resultType": "complete", "ttlMs": 0, "cacheScope": "private"})
         return out
-
-
-RequestHandler = Callable[[Peer, rpc.Message], Awaitable[rpc.Message]]
