@@ -472,12 +472,35 @@ def markdown(res: Results) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _style(res: Results, subject: str) -> dict[str, Any]:
-    fixed = {"direct-sse": ("black", "-"), "direct-json": ("dimgray", "--"), CEILING: ("gray", ":")}
-    if subject in fixed:
-        color, ls = fixed[subject]
+_FIXED_STYLE = {
+    "direct-sse": ("black", "-"),
+    "direct-json": ("dimgray", "--"),
+    CEILING: ("gray", ":"),
+    "starlette-ceiling": ("darkgray", "-."),
+}
+_BRIDGE_COLORS = {
+    "bastion-expose": "tab:red",
+    "bastion-agg": "tab:orange",
+    "bastion-single": "tab:brown",
+    "mcp-proxy-py": "tab:blue",
+    "fastmcp": "tab:purple",
+    "supergateway": "tab:green",
+    "mcp-proxy-js": "tab:cyan",
+}
+
+
+def _style(subject: str) -> dict[str, Any]:
+    """The same colour for a subject in every panel and plot."""
+    if subject in _FIXED_STYLE:
+        color, ls = _FIXED_STYLE[subject]
         return {"color": color, "linestyle": ls, "linewidth": 2}
-    return {"linestyle": "-", "marker": "o", "markersize": 4}
+    bridge = subject.split("/")[0]
+    return {
+        "color": _BRIDGE_COLORS.get(bridge, "tab:olive"),
+        "linestyle": "-",
+        "marker": "o",
+        "markersize": 4,
+    }
 
 
 def plots(res: Results, out: Path) -> list[Path]:
@@ -508,12 +531,13 @@ def plots(res: Results, out: Path) -> list[Path]:
                             lo.append(m - min(vals))
                             hi.append(max(vals) - m)
                     if xs:
-                        ax.errorbar(xs, ys, yerr=[lo, hi], label=s, capsize=3, **_style(res, s))
+                        ax.errorbar(xs, ys, yerr=[lo, hi], label=s, capsize=3, **_style(s))
                 ax.set_xscale("log")
                 ax.set_xticks(res.concurrency)
                 ax.set_xticklabels([str(c) for c in res.concurrency])
+                ax.set_yscale("log")
                 ax.set_xlabel("concurrent sessions (C)")
-                ax.set_ylabel("verified calls/s")
+                ax.set_ylabel("verified calls/s (log)")
                 ax.set_title(f"{era} era, {payload_name(payload)}, upstream: {up}")
                 ax.grid(True, alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
@@ -543,7 +567,12 @@ def plots(res: Results, out: Path) -> list[Path]:
                     n = min(len(c) for c in cdfs)
                     xs = [statistics.median(c[k] for c in cdfs) for k in range(n)]
                     pts = [*range(0, 100), 99.9, 100][:n]
-                    ax.plot(xs, pts, label=s, **{k: v for k, v in _style(res, s).items() if k != "marker"})
+                    ax.plot(
+                        xs,
+                        pts,
+                        label=s,
+                        **{k: v for k, v in _style(s).items() if k not in ("marker", "markersize")},
+                    )
                 ax.set_xscale("log")
                 ax.set_xlabel("latency (ms, log)")
                 ax.set_ylabel("percentile")
