@@ -248,7 +248,8 @@ def session_table(res: Results) -> list[str]:
                 med_range([r["opened"] for r in idle], 0),
                 med_range(
                     [r["rss_per_session_kb"] for r in idle if r.get("rss_per_session_kb") is not None], 2
-                ),
+                )
+                + (" (with set-up failures)" if any(r.get("setup_failures") for r in idle) else ""),
                 " ".join(f"{r.get('alive')}/{r.get('alive_checked')}" for r in idle) or "–",
                 med_range([r["sessions_per_s"] for r in storm], 0),
                 med_range([r["setup_ms"]["p50"] for r in storm if r.get("setup_ms")], 2),
