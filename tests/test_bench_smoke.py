@@ -6,7 +6,7 @@ upstreams), in both protocol eras, plus a tiny set-up storm and idle-session tes
 upstreams on their own; and the load generator's misrouting detector against a server that
 misroutes on purpose. The peers (``bench/setup_peers.sh``) and the full run are not part of it.
 
-Needs the bench's ``psutil`` (``bench/requirements.txt``); ``matplotlib`` only for the plot test.
+Needs the bench's ``psutil`` and ``matplotlib`` (``bench/requirements.txt``): missing, they fail the run.
 """
 
 from __future__ import annotations
