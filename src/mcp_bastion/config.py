@@ -8,6 +8,7 @@ or logs.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -45,6 +46,14 @@ def resolve_mapping(values: Mapping[str, str]) -> dict[str, str]:
     return {k: resolve_secret(v) for k, v in values.items()}
 
 
+@dataclass(frozen=True)
+class UserCredentials:
+    """What one identity passes to an upstream: env for a stdio child, headers for HTTP (secret refs)."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
 Isolation = Literal["shared", "session"]
 EraSetting = Literal["auto", "legacy", "modern"]
 
@@ -64,6 +73,24 @@ class ServerConfig:
     isolation: Isolation = "shared"
     era: EraSetting = "auto"
     timeout: float = 30.0
+    # Per-user upstream credentials: the signed-in identity's name (user name, OIDC e-mail or
+    # subject, "key:<name>" for API keys) selects env/headers that override the server's own.
+    users: Mapping[str, UserCredentials] = field(default_factory=dict)
+    # True: identities without an entry in ``users`` cannot use this server at all.
+    users_only: bool = False
+
+    def credentials_key(self, identity_name: str) -> str | None:
+        """Which credentials an identity uses: its own name, "" for the server's own, None for none."""
+        if identity_name in self.users:
+            return identity_name
+        return None if self.users_only else ""
+
+    def for_credentials(self, key: str) -> ServerConfig:
+        """This server as one identity reaches it (its env/headers laid over the server's)."""
+        if not key:
+            return self
+        creds = self.users[key]
+        return replace(self, env={**self.env, **creds.env}, headers={**self.headers, **creds.headers})
 
     def redacted(self) -> dict[str, Any]:
         """What may be logged: no env or header values."""
@@ -76,6 +103,8 @@ class ServerConfig:
             out["env"] = sorted(self.env)
         if self.headers:
             out["headers"] = sorted(self.headers)
+        if self.users:
+            out["users"] = sorted(self.users)
         return out
 
 
@@ -104,7 +133,34 @@ def parse_server(name: str, entry: Any) -> ServerConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
         ):
             raise ConfigError(f"{where}: {label} must map strings to strings")
-    common: dict[str, Any] = {"isolation": isolation, "era": era, "timeout": float(timeout)}
+    users_raw = entry.get("users") or {}
+    if not isinstance(users_raw, dict):
+        raise ConfigError(f"{where}: users must map identity names to {{env, headers}}")
+    users: dict[str, UserCredentials] = {}
+    for user, creds in users_raw.items():
+        if not isinstance(creds, dict) or set(creds) - {"env", "headers"}:
+            raise ConfigError(f"{where}: users.{user} must be an object with 'env' and/or 'headers'")
+        parts: dict[str, dict[str, str]] = {}
+        for label in ("env", "headers"):
+            mapping = creds.get(label) or {}
+            if not isinstance(mapping, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+            ):
+                raise ConfigError(f"{where}: users.{user}.{label} must map strings to strings")
+            parts[label] = mapping
+        users[str(user)] = UserCredentials(env=parts["env"], headers=parts["headers"])
+    users_only = entry.get("usersOnly", entry.get("users_only", False))
+    if not isinstance(users_only, bool):
+        raise ConfigError(f"{where}: usersOnly must be true or false")
+    if users_only and not users:
+        raise ConfigError(f"{where}: usersOnly needs a 'users' map")
+    common: dict[str, Any] = {
+        "isolation": isolation,
+        "era": era,
+        "timeout": float(timeout),
+        "users": users,
+        "users_only": users_only,
+    }
     if "command" in entry:
         if kind not in (None, "stdio"):
             raise ConfigError(f"{where}: a 'command' entry is a stdio server, not {kind!r}")
@@ -166,6 +222,30 @@ class GatewaySettings:
     allow_sessionless: bool = False
     log_level: str = "info"
     log_format: Literal["json", "console"] = "json"
+    # ---- sign-in ([auth] in TOML). "auto": on when listening beyond loopback or public_url is set.
+    auth: Literal["auto", "on", "off"] = "auto"
+    # SQLAlchemy URL of the auth store; empty: SQLite file <data_dir>/bastion.db.
+    database_url: str = ""
+    access_token_seconds: int = 3600
+    refresh_token_seconds: int = 30 * 86400
+    auth_code_seconds: int = 120
+    login_session_seconds: int = 12 * 3600
+    signing_key_rotation_days: float = 30.0
+    # Redirect URIs that dynamically registered (DCR) and CIMD clients may use besides loopback:
+    # presets "claude" and "chatgpt", and exact URIs ("{id}" matches one path segment).
+    redirect_presets: tuple[str, ...] = ()
+    allowed_redirect_uris: tuple[str, ...] = ()
+    dynamic_registration: bool = True
+    client_metadata_documents: bool = True
+    # Hosts exempt from the CIMD/OIDC fetchers' refusal of private and loopback addresses.
+    fetch_allowed_hosts: tuple[str, ...] = ()
+    # PEM bundle trusted by those fetchers (private PKI); empty: the system's.
+    ca_bundle: str = ""
+    # Delegated sign-in to an upstream OpenID Connect provider (empty: local users).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""  # a secret reference: env:NAME or file:PATH
+    oidc_scopes: tuple[str, ...] = ("openid", "email", "profile")
 
     def validated(self) -> GatewaySettings:
         if self.prefix_mode not in ("always", "on-collision"):
@@ -175,7 +255,37 @@ class GatewaySettings:
         for name in ("max_body_bytes", "max_sessions", "max_concurrent_per_session", "port"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ConfigError(f"{name} must be positive")
+        if self.auth not in ("auto", "on", "off"):
+            raise ConfigError("auth must be 'auto', 'on' or 'off'")
+        unknown = set(self.redirect_presets) - {"claude", "chatgpt"}
+        if unknown:
+            raise ConfigError(f"redirect_presets: unknown {sorted(unknown)}; known: claude, chatgpt")
+        if self.oidc_issuer and not (self.oidc_client_id and self.oidc_client_secret):
+            raise ConfigError("oidc_issuer needs oidc_client_id and oidc_client_secret")
+        for name in ("access_token_seconds", "refresh_token_seconds", "auth_code_seconds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
         return self
+
+    def auth_enabled(self) -> bool:
+        """Auth is on when asked for, or by default whenever the gateway is reachable beyond loopback."""
+        if self.auth != "auto":
+            return self.auth == "on"
+        return bool(self.public_url) or not is_loopback_host(self.host)
+
+    def store_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{Path(self.data_dir or default_data_dir()) / 'bastion.db'}"
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_data_dir() -> str:
@@ -240,11 +350,12 @@ def load_config_file(path: Path) -> LoadedConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         settings = GatewaySettings()
-        for table in ("gateway", "limits"):
+        for table in ("gateway", "limits", "auth"):
             if table in data and not isinstance(data[table], dict):
                 raise ConfigError(f"{path}: [{table}] must be a table")
         gateway = dict(data.get("gateway") or {})
         gateway.update(data.get("limits") or {})
+        gateway.update(data.get("auth") or {})
         servers_file = gateway.pop("servers_file", None) or gateway.pop("mcp_servers_file", None)
         settings = apply(settings, gateway, str(path))
         servers: list[ServerConfig] = []

@@ -96,6 +96,8 @@ class ServerEntry:
         self.name = config.name
         self.on_events = on_events
         self.channels: dict[Era, Channel] = {}
+        # Channels carrying one identity's own credentials (``users`` in the config): (era, name).
+        self.user_channels: dict[tuple[Era, str], Channel] = {}
         self.modern: bool | None = None if config.era == "auto" else config.era == "modern"
         if config.transport == "sse":
             self.modern = False  # HTTP+SSE predates the 2026-07-28 era
@@ -108,21 +110,38 @@ class ServerEntry:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    async def _open(self, era: Era) -> Channel:
+    def credentials_for(self, peer: Peer | None) -> str | None:
+        """The credentials key a peer reaches this server with ("" shared), None if it may not."""
+        if peer is None:
+            return ""
+        if not peer.identity.may_use(self.name):
+            return None
+        if not self.config.users and not self.config.users_only:
+            return ""
+        return self.config.credentials_key(peer.identity.name)
+
+    def usable_by(self, peer: Peer) -> bool:
+        return self.credentials_for(peer) is not None
+
+    async def _open(self, era: Era, credentials: str = "") -> Channel:
         try:
-            ch = make_channel(self.config, era, self.on_events)
+            ch = make_channel(self.config.for_credentials(credentials), era, self.on_events)
         except ConfigError as exc:  # e.g. a secret reference that does not resolve
-            self.last_error = str(exc)
+            if not credentials:
+                self.last_error = str(exc)
             raise UpstreamUnavailable(f"upstream {self.name!r}: {exc}") from None
+        ch.credentials = credentials
         ch.on_ready = self._on_ready
         ch.on_lost = self._on_lost
         try:
             await ch.start()
         except UpstreamUnavailable as exc:
-            self.last_error = str(exc)
+            if not credentials:
+                self.last_error = str(exc)
             await ch.close()
             raise
-        self.last_error = None
+        if not credentials:
+            self.last_error = None
         return ch
 
     def _on_ready(self, channel: Channel) -> None:
@@ -148,28 +167,33 @@ class ServerEntry:
 
         ``wait=False``: a channel that exists but is restarting counts as unavailable now."""
         era = self.era_for(wanted)
+        credentials = self.credentials_for(peer)
+        if credentials is None:
+            raise rpc.ProtocolError(rpc.INVALID_REQUEST, f"Not permitted: server {self.name!r}")
         isolated = self.config.isolation == "session" and peer is not None and peer.era == "legacy"
+        pool: dict[Any, Channel] = self.user_channels if credentials else self.channels
+        slot: Any = (era, credentials) if credentials else era
         if isolated:
             assert peer is not None
             ch = peer.hub_channels.get(self.name)
             if ch is not None and not ch.closed:
                 return ch
         else:
-            ch = self.channels.get(era)
+            ch = pool.get(slot)
             if ch is not None and not ch.closed:
                 if not wait and not ch.ready.is_set():
                     raise UpstreamUnavailable(f"upstream {self.name!r} is restarting")
                 await self._wait_ready(ch)
                 return ch
-        key = f"{era}:{peer.id if isolated and peer else ''}"
+        key = f"{era}:{peer.id if isolated and peer else ''}:{credentials}"
         async with self._lock(key):
             if not isolated:
-                ch = self.channels.get(era)
+                ch = pool.get(slot)
                 if ch is not None and not ch.closed:
                     await self._wait_ready(ch)
                     return ch
             try:
-                ch = await self._open(era)
+                ch = await self._open(era, credentials)
             except UpstreamUnavailable:
                 if era == "modern" and self.config.era == "auto":
                     log.info("upstream_not_modern", server=self.name)
@@ -182,7 +206,7 @@ class ServerEntry:
                 assert peer is not None
                 peer.hub_channels[self.name] = ch
             else:
-                self.channels[era] = ch
+                pool[slot] = ch
             return ch
 
     async def _wait_ready(self, ch: Channel) -> None:
@@ -197,8 +221,10 @@ class ServerEntry:
         return any(ch.ready.is_set() for ch in self.channels.values())
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for ch in self.channels.values()), return_exceptions=True)
+        channels = [*self.channels.values(), *self.user_channels.values()]
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
         self.channels.clear()
+        self.user_channels.clear()
 
 
 class Hub:
@@ -231,6 +257,13 @@ class Hub:
         self.held: dict[str, HeldCall] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self.tool_schemas: dict[str, Any] = {}  # exposed tool name -> inputSchema, as last listed
+        # Each server's lists as last fetched, so a peer that may use only some servers can
+        # rebuild the shared name maps without reaching the others.
+        self._last_lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    def usable(self, peer: Peer) -> list[ServerEntry]:
+        """The servers this peer's identity may use, in configuration order."""
+        return [e for e in self.entries.values() if e.usable_by(peer)]
 
     async def tool_schema(self, name: str) -> Any:
         """The input schema of a tool as last listed (for Mcp-Param-* checks), if known."""
@@ -335,6 +368,10 @@ class Hub:
         entry = self.entries.get(server)
         if entry is None:
             return
+
+        def sees(peer: Peer) -> bool:  # the identity reaches this server with these credentials
+            return entry.credentials_for(peer) == channel.credentials
+
         if method.endswith("/list_changed"):
             entry.list_cache.clear()
             kind = method.split("/")[1]
@@ -344,6 +381,8 @@ class Hub:
                 "resources": "resourcesListChanged",
             }
             for peer in list(self.peers):
+                if not sees(peer):
+                    continue
                 if peer.era == "legacy":
                     peer.deliver(message, None)
                 else:
@@ -358,7 +397,7 @@ class Hub:
             uri = self.uris.expose(server, str(params.get("uri", "")))
             note = {**message, "params": {**params, "uri": uri}}
             for peer in list(self.peers):
-                if uri in peer.subscriptions:
+                if uri in peer.subscriptions and sees(peer):
                     if peer.era == "legacy":
                         peer.deliver(note, None)
                     else:
@@ -371,7 +410,7 @@ class Hub:
                                 peer.deliver(tagged, listen_id)
         elif method == "notifications/message":
             for peer in list(self.peers):
-                if peer.era == "legacy" and peer.wants_log(params.get("level")):
+                if peer.era == "legacy" and peer.wants_log(params.get("level")) and sees(peer):
                     peer.deliver(message, None)
         elif method == "notifications/cancelled":
             up_id = params.get("requestId")
@@ -402,8 +441,14 @@ class Hub:
             if isinstance(request_id, str | int):
                 await self.cancel(peer, request_id, params.get("reason"))
         elif method == "notifications/roots/list_changed":
-            for entry in self.entries.values():
-                for ch in [*entry.channels.values(), *peer.hub_channels.values()]:
+            for entry in self.usable(peer):
+                creds = entry.credentials_for(peer)
+                pool = (
+                    entry.channels.values()
+                    if not creds
+                    else [ch for (_, c), ch in entry.user_channels.items() if c == creds]
+                )
+                for ch in [*pool, *peer.hub_channels.values()]:
                     if ch.era == "legacy" and ch.ready.is_set():
                         await ch.send(message)
         # notifications/initialized and anything else: nothing to forward.
@@ -800,7 +845,7 @@ class Hub:
             if ch.init_result.get("instructions"):
                 notes.append(f"[{entry.name}] {ch.init_result['instructions']}")
 
-        await asyncio.gather(*(one(e) for e in self.entries.values()))
+        await asyncio.gather(*(one(e) for e in self.usable(peer)))
         return caps, "\n\n".join(sorted(notes))
 
     async def _discover(self, peer: Peer) -> dict[str, Any]:
@@ -844,8 +889,7 @@ class Hub:
         levels = [p.log_level for p in self.peers if p.era == "legacy" and p.log_level]
         lowest = min(levels, key=level_index) if levels else peer.log_level
         last: rpc.Message = rpc.result(message["id"], {})
-        for name in self.entries:
-            entry = self.entries[name]
+        for entry in self.usable(peer):
             try:
                 ch = await entry.channel("legacy", peer)
             except UpstreamUnavailable:
@@ -948,7 +992,7 @@ class Hub:
 
     # ------------------------------------------------------------------ aggregation
     async def _server_list(self, peer: Peer, entry: ServerEntry, method: str) -> list[dict[str, Any]]:
-        cache_key = f"{method}|{peer.era}"
+        cache_key = f"{method}|{peer.era}|{entry.credentials_for(peer)}"
         if cache_key in entry.list_cache:
             return entry.list_cache[cache_key]
         key = LIST_METHODS[method]
@@ -989,7 +1033,10 @@ class Hub:
                     got[method] = []
             lists[entry.name] = got
 
-        await asyncio.gather(*(one(e) for e in self.entries.values()))
+        await asyncio.gather(*(one(e) for e in self.usable(peer)))
+        self._last_lists.update(lists)
+        lists = {name: self._last_lists.get(name, lists.get(name, {})) for name in self.entries}
+        lists = {name: got for name, got in lists.items() if got}
         self.tools.rebuild({s: [str(t.get("name")) for t in v["tools/list"]] for s, v in lists.items()})
         self.prompts.rebuild({s: [str(t.get("name")) for t in v["prompts/list"]] for s, v in lists.items()})
         self.uris.rebuild(
@@ -1000,6 +1047,8 @@ class Hub:
 
     async def _merged_list(self, peer: Peer, method: str, params: dict[str, Any]) -> dict[str, Any]:
         lists = await self.refresh_names(peer)
+        allowed = {e.name for e in self.usable(peer)}
+        lists = {name: got for name, got in lists.items() if name in allowed}
         key = LIST_METHODS[method]
         merged: list[dict[str, Any]] = []
         for server in sorted(lists):

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .auth.identity import ANONYMOUS, Identity
 from .core import jsonrpc as rpc
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class Peer:
         self.hub_channels: dict[str, Channel] = {}  # isolated channels owned by this peer
         # Upstream subscriptions/listen requests held for this peer: "server|uri" -> (channel, id).
         self.upstream_listens: dict[str, tuple[Channel, rpc.RequestId]] = {}
+        # Who this peer acts for (set by the transport from the verified bearer; anonymous when auth is
+        # off). The hub shows and reaches only the servers it may use, with that identity's credentials.
+        self.identity: Identity = ANONYMOUS
 
     def next_request_id(self) -> str:
         return f"b{next(self._ids)}"

@@ -56,6 +56,12 @@ async def slow(seconds: float, ctx: Context) -> str:
 
 
 @mcp.tool()
+def whoami() -> str:
+    """The NOTES_ACCOUNT variable the gateway passed (to tell per-user credentials apart)."""
+    return os.environ.get("NOTES_ACCOUNT", "")
+
+
+@mcp.tool()
 def crash() -> str:
     """Exit the process at once, mid-call."""
     os._exit(3)

@@ -74,6 +74,8 @@ class Channel:
         self.init_result: dict[str, Any] = {}
         self.ready = asyncio.Event()
         self.closed = False
+        # Whose credentials this channel carries: "" the server's own, else an identity name.
+        self.credentials = ""
         self.on_ready: Callable[[Channel], None] | None = None
         self.on_lost: Callable[[Channel], None] | None = None
 
