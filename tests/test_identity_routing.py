@@ -151,3 +151,40 @@ def test_users_config_is_validated() -> None:
     ):
         with pytest.raises(ConfigError):
             parse_server("s", notes(**bad))
+
+
+async def test_request_state_is_bound_to_the_identity_that_got_it() -> None:
+    """A sealed requestState presented by another identity is refused like a tampered one."""
+    from tests.conftest import everything_entry
+
+    hub_ref: list[Hub] = []
+    entry = ServerEntry(
+        parse_server("everything", everything_entry(era="legacy")),
+        lambda ch, evs: hub_ref[0].on_events(ch, evs),
+    )
+    hub = Hub("/", [entry], prefix_mode="always", aggregate=False, sealer=StateSealer())
+    hub_ref.append(hub)
+    alice = Collector("a", user("alice"), "modern")
+    bob = Collector("b", user("bob"), "modern")
+    for peer in (alice, bob):  # what the HTTP edge reads from each request's _meta
+        peer.client_capabilities = {"elicitation": {}}
+    meta = {META_PROTOCOL_VERSION: LATEST_MODERN, META_CLIENT_CAPABILITIES: {"elicitation": {}}}
+    call_params = {"name": "test_elicitation", "arguments": {"message": "Name?"}, "_meta": meta}
+    try:
+        first = await hub.request(alice, rpc.request(1, "tools/call", call_params))
+        assert "result" in first, first
+        result = first["result"]
+        assert result["resultType"] == "input_required"
+        (key,) = result["inputRequests"]
+        answer = {
+            **call_params,
+            "requestState": result["requestState"],
+            "inputResponses": {key: {"action": "decline"}},
+        }
+        stolen = await hub.request(bob, rpc.request(2, "tools/call", answer))
+        assert stolen["error"]["code"] == rpc.INVALID_PARAMS
+        own = await hub.request(alice, rpc.request(3, "tools/call", answer))
+        assert own["result"]["resultType"] == "complete"
+        assert "action=decline" in own["result"]["content"][0]["text"]
+    finally:
+        await entry.close()

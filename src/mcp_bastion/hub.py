@@ -653,7 +653,9 @@ class Hub:
         """tools/call from a modern client to a legacy upstream: server requests become input_required."""
         params = rpc.params_of(original)
         down_id = original["id"]
-        binding = f"{self.path}|tools/call|{params.get('name')}"
+        # Bound to the caller too: a state handle is not authentication, so another identity
+        # presenting it (a stolen or guessed state) gets -32602 like a tampered one.
+        binding = f"{self.path}|tools/call|{params.get('name')}|{peer.identity.subject}"
         state = params.get("requestState")
         held: HeldCall | None = None
         if state is not None or "inputResponses" in params:
