@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 
-from .config import GatewaySettings, ServerConfig
+from .config import GatewaySettings, ServerConfig, is_loopback_host
 from .core.forward import Event, ServerRequest
 from .core.sealing import StateSealer
 from .hub import Hub, ServerEntry
@@ -18,7 +18,14 @@ from .transport.asgi import McpHttpApp
 from .transport.security import HostPolicy
 from .upstream.base import Channel, UpstreamUnavailable
 
+if TYPE_CHECKING:
+    from .auth.store import Store
+    from .auth.tokens import KeyRing
+
 log = structlog.get_logger("mcp_bastion.gateway")
+auth_log = structlog.get_logger("mcp_bastion.auth")
+# How often a running gateway checks whether its signing key is due for rotation.
+KEY_ROTATION_CHECK_SECONDS = 3600.0
 
 
 class Gateway:
@@ -32,6 +39,10 @@ class Gateway:
         self, settings: GatewaySettings, servers: list[ServerConfig], *, single: bool = False
     ) -> None:
         self.settings = settings
+        self.single = single
+        self.store: Store | None = None
+        self.keyring: KeyRing | None = None
+        self._rotator: asyncio.Task[None] | None = None
         self.sealer = StateSealer()
         self.hubs: dict[str, Hub] = {}
         self.entries = {s.name: ServerEntry(s, self._on_events) for s in servers}
@@ -111,8 +122,70 @@ class Gateway:
 
         await asyncio.gather(*(one(e) for e in self.entries.values()))
 
+    async def open_auth(self) -> None:
+        """With auth on: open the store and signing keys, protect the MCP endpoints, mount the
+        authorization server. With auth off: say so loudly when the gateway is reachable from afar."""
+        settings = self.settings
+        if not settings.auth_enabled():
+            if settings.public_url or not is_loopback_host(settings.host):
+                auth_log.warning(
+                    "auth_off_beyond_loopback",
+                    host=settings.host,
+                    public_url=settings.public_url or None,
+                    hint="--no-auth: anyone who reaches this address can use every server",
+                )
+            return
+        from sqlalchemy.engine import make_url
+
+        from .auth.resource import ResourceGuard
+        from .auth.server import build_auth_app
+        from .auth.store import Store
+        from .auth.tokens import KeyRing
+
+        url = settings.store_url()
+        store = await Store.open(url)
+        self.store = store
+        keyring = KeyRing.for_settings(settings, store)
+        await keyring.load()
+        self.keyring = keyring
+        single = next(iter(self.entries)) if self.single and self.entries else None
+        guard = ResourceGuard(settings, keyring, store, servers=list(self.entries), single=single)
+        auth_app = build_auth_app(settings, store, keyring, guard.resources())
+        self.app.enable_auth(guard, auth_app)
+        self._rotator = asyncio.create_task(self._rotate_keys(keyring))
+        auth_log.info(
+            "auth_on",
+            issuer=guard.issuer,
+            resources=list(guard.resources()),
+            store=make_url(url).render_as_string(hide_password=True),
+            sign_in="oidc" if settings.oidc_issuer else "local users",
+        )
+        users = [u for u in await store.list_users() if not u.disabled]
+        keys = [k for k in await store.list_api_keys() if k.usable()]
+        if not settings.oidc_issuer and not users and not keys:
+            auth_log.warning(
+                "auth_nobody_can_sign_in",
+                hint="add a user (mcp-bastion users add NAME) or an API key "
+                "(mcp-bastion keys create --name NAME), or configure oidc_issuer; "
+                "with the same --data-dir or --database-url",
+            )
+
+    async def _rotate_keys(self, keyring: KeyRing) -> None:
+        """Signing keys age out while the gateway runs, not only at start."""
+        while True:
+            await asyncio.sleep(KEY_ROTATION_CHECK_SECONDS)
+            try:
+                await keyring.maybe_rotate()
+            except Exception as exc:  # the store may be briefly unreachable; try again later
+                auth_log.error("signing_key_rotation_failed", error=str(exc))
+
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.entries.values()), return_exceptions=True)
+        if self._rotator is not None:
+            self._rotator.cancel()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
 
     async def serve(self) -> None:
         config = uvicorn.Config(
@@ -132,6 +205,12 @@ class Gateway:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.open_auth()
+        except Exception as exc:  # a store that cannot be opened: say why and stop, no traceback
+            auth_log.error("auth_start_failed", error=f"{type(exc).__name__}: {exc}")
+            await self.close()
+            raise SystemExit(1) from None
         await self.start_upstreams()
         serving = asyncio.create_task(server.serve())
         log.info(

@@ -15,12 +15,13 @@ import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs
 
 import orjson
 import structlog
 
+from ..auth.identity import ANONYMOUS, Identity
 from ..config import GatewaySettings
 from ..core import jsonrpc as rpc
 from ..core.eras import (
@@ -38,6 +39,9 @@ from ..hub import Hub
 from ..peers import Peer
 from .security import HostPolicy
 
+if TYPE_CHECKING:
+    from ..auth.resource import ResourceGuard
+
 log = structlog.get_logger("mcp_bastion.http")
 
 Scope = MutableMapping[str, Any]
@@ -52,6 +56,8 @@ SSE_HEADERS = [
 ]
 MAX_BUFFERED = 1000  # messages kept for a session whose GET stream is not open
 MAX_LOGS = 64  # resumable POST streams kept per session
+# Where the bearer check leaves the caller's Identity in the ASGI scope (absent: auth is off).
+IDENTITY_KEY = "mcp_bastion.identity"
 
 
 class BodyTooLarge(Exception):
@@ -216,6 +222,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _identity(scope: Scope) -> Identity:
+    identity: Identity = scope.get(IDENTITY_KEY, ANONYMOUS)
+    return identity
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     # HTTP field values carry no leading or trailing whitespace (RFC 9110 5.5).
     return {k.decode("latin-1").lower(): v.decode("latin-1").strip(" \t") for k, v in scope["headers"]}
@@ -254,6 +265,15 @@ class McpHttpApp:
             self.routes[f"{base}/messages/"] = ("messages", hub)
         self.sessions: dict[str, LegacySession] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.guard: ResourceGuard | None = None
+        self.auth_app: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+
+    def enable_auth(
+        self, guard: ResourceGuard, auth_app: Callable[[Scope, Receive, Send], Awaitable[None]]
+    ) -> None:
+        """Protect every MCP endpoint with ``guard``; every other path goes to the authorization server."""
+        self.guard = guard
+        self.auth_app = auth_app
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -272,6 +292,9 @@ class McpHttpApp:
             return
         route = self.routes.get(path)
         if route is None:
+            if self.guard is not None:
+                await self._not_mcp(scope, receive, send, self.guard)
+                return
             await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, f"No MCP endpoint at {path}"))
             return
         if not self.policy.host_ok(_header(scope, b"host")):
@@ -286,6 +309,14 @@ class McpHttpApp:
                 send, 403, rpc.error(None, rpc.INVALID_REQUEST, "Forbidden: invalid Origin header")
             )
             return
+        if self.guard is not None:
+            protected = self.guard.protection(path)
+            if protected is not None:
+                outcome = await self.guard.authenticate(scope, protected)
+                if not isinstance(outcome, Identity):
+                    await respond(send, outcome.status, outcome.body, outcome.headers)
+                    return
+                scope[IDENTITY_KEY] = outcome
         kind, hub = route
         if kind == "mcp":
             await self._mcp(scope, receive, send, hub)
@@ -293,6 +324,26 @@ class McpHttpApp:
             await self._sse_get(scope, receive, send, hub)
         else:
             await self._sse_post(scope, receive, send, hub)
+
+    async def _not_mcp(self, scope: Scope, receive: Receive, send: Send, guard: ResourceGuard) -> None:
+        """With auth on: protected resource metadata here, everything else to the authorization server."""
+        if not self.policy.host_ok(_header(scope, b"host")):
+            log.warning("rejected_host", host=_header(scope, b"host"), path=scope["path"])
+            await respond(send, 403, b"Forbidden: invalid Host header", [(b"content-type", b"text/plain")])
+            return
+        document = guard.prm_document(scope["path"])
+        if document is not None:  # public metadata, readable from browser-based clients too
+            cors = [(b"access-control-allow-origin", b"*")]
+            if scope["method"] == "OPTIONS":
+                allow = [(b"access-control-allow-methods", b"GET"), (b"access-control-max-age", b"86400")]
+                await respond(send, 204, b"", cors + allow)
+            elif scope["method"] in ("GET", "HEAD"):
+                await respond(send, 200, document, JSON_HEADERS + cors)
+            else:
+                await respond(send, 405, b"", [(b"allow", b"GET")])
+            return
+        assert self.auth_app is not None
+        await self.auth_app(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -410,8 +461,10 @@ class McpHttpApp:
         if message is None:
             return
         sid = _header(scope, b"mcp-session-id")
+        identity = _identity(scope)
         if message.get("method") == "initialize" and rpc.is_request(message):
-            if sid is not None and sid in self.sessions:
+            existing = self.sessions.get(sid) if sid is not None else None
+            if existing is not None and existing.identity.subject == identity.subject:
                 err = rpc.error(
                     message["id"], rpc.INVALID_REQUEST, "Invalid Request: session already initialized"
                 )
@@ -426,6 +479,7 @@ class McpHttpApp:
                 )
                 return
             session = LegacySession(secrets.token_urlsafe(32), version, hub)
+            session.identity = identity
             reply = await hub.request(session, message)
             if "error" in reply:
                 await respond_json(send, 200, reply)
@@ -443,7 +497,7 @@ class McpHttpApp:
             await respond_json(send, 200, reply, [(b"mcp-session-id", session.id.encode())])
             return
         if sid is None and self.settings.allow_sessionless and rpc.is_request(message):
-            await self._sessionless(send, receive, hub, message, version, wants_sse)
+            await self._sessionless(send, receive, hub, message, version, wants_sse, identity)
             return
         if sid is None:
             await respond_json(
@@ -455,7 +509,7 @@ class McpHttpApp:
             )
             return
         found = self.sessions.get(sid)
-        if found is None or found.hub is not hub:
+        if found is None or found.hub is not hub or found.identity.subject != identity.subject:
             await respond_json(
                 send, 404, rpc.error(message.get("id"), rpc.INVALID_REQUEST, "Session not found")
             )
@@ -544,10 +598,18 @@ class McpHttpApp:
             disconnect.cancel()
 
     async def _sessionless(
-        self, send: Send, receive: Receive, hub: Hub, message: rpc.Message, version: str, wants_sse: bool
+        self,
+        send: Send,
+        receive: Receive,
+        hub: Hub,
+        message: rpc.Message,
+        version: str,
+        wants_sse: bool,
+        identity: Identity,
     ) -> None:
         """A handshake-era request outside any session, answered on its own (allow_sessionless)."""
         session = LegacySession(secrets.token_urlsafe(16), version, hub)
+        session.identity = identity
         hub.attach(session)
         try:
             await self._legacy_answer(send, receive, session, hub, message, wants_sse)
@@ -671,14 +733,15 @@ class McpHttpApp:
             pass
 
     async def _session_of(self, scope: Scope, send: Send, hub: Hub) -> LegacySession | None:
-        """The request's session; None after answering 400 (no Mcp-Session-Id) or 404 (unknown)."""
+        """The request's session; None after answering 400 (no Mcp-Session-Id) or 404 (unknown, or
+        another caller's: a session is bound to the subject that opened it)."""
         sid = _header(scope, b"mcp-session-id")
         if sid is None:
             err = rpc.error(None, rpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required")
             await respond_json(send, 400, err)
             return None
         session = self.sessions.get(sid)
-        if session is None or session.hub is not hub:
+        if session is None or session.hub is not hub or session.identity.subject != _identity(scope).subject:
             await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
             return None
         return session
@@ -793,6 +856,7 @@ class McpHttpApp:
             )
             return
         peer = ModernExchange(envelope.protocol_version)
+        peer.identity = _identity(scope)
         peer.client_capabilities = envelope.client_capabilities
         peer.client_info = envelope.client_info
         hub.attach(peer)
@@ -811,6 +875,7 @@ class McpHttpApp:
             await respond_json(send, 503, rpc.error(None, rpc.INTERNAL_ERROR, "Too many sessions"))
             return
         session = LegacySession(secrets.token_urlsafe(32), "2024-11-05", hub, sse_transport=True)
+        session.identity = _identity(scope)
         self.sessions[session.id] = session
         stream = Stream()
         session.get_stream = stream
@@ -842,7 +907,12 @@ class McpHttpApp:
             )
             return
         session = self.sessions.get(sid)
-        if session is None or not session.sse_transport or session.hub is not hub:
+        if (
+            session is None
+            or not session.sse_transport
+            or session.hub is not hub
+            or session.identity.subject != _identity(scope).subject
+        ):
             await respond_json(send, 404, rpc.error(None, rpc.INVALID_REQUEST, "Session not found"))
             return
         message = await self._read_message(scope, receive, send)

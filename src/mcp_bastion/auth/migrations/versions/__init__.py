@@ -1,0 +1,1 @@
+"""Revisions of the auth store schema, oldest first by ``down_revision``."""
