@@ -7,6 +7,7 @@ In process (hub + real stdio children of the notes server), both eras; the HTTP 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from mcp_bastion.core.eras import LATEST_MODERN, META_CLIENT_CAPABILITIES, META_
 from mcp_bastion.core.sealing import StateSealer
 from mcp_bastion.hub import Hub, ServerEntry
 from mcp_bastion.peers import Peer
-from tests.conftest import NOTES_SERVER
+from tests.conftest import NOTES_SERVER, GatewayFactory, servers_file
 
 
 class Collector(Peer):
@@ -188,3 +189,39 @@ async def test_request_state_is_bound_to_the_identity_that_got_it() -> None:
         assert "action=decline" in own["result"]["content"][0]["text"]
     finally:
         await entry.close()
+
+
+async def test_signed_in_identities_get_their_own_upstream_credentials_end_to_end(
+    gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Through the HTTP edge: the bearer's identity selects the env the upstream child runs with."""
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from tests.test_auth_resource import keys_cli, mint, signer, text_of
+
+    entry = notes(
+        users={
+            "alice": {"env": {"NOTES_ACCOUNT": "env:ALICE_ACCOUNT"}},
+            "key:ci": {"env": {"NOTES_ACCOUNT": "ci"}},
+        }
+    )
+    config = servers_file(tmp_path, {"mail": entry})
+    gw = gateway("serve", "--auth", "--config", str(config), env={"ALICE_ACCOUNT": "alice-from-env"})
+    created = keys_cli(tmp_path, "create", "--name", "ci")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    async with signer(tmp_path, gw) as ring:
+        alice = mint(ring, gw, "/servers/mail/mcp", subject="user:alice")
+        bob = mint(ring, gw, "/servers/mail/mcp", subject="user:bob")
+    seen = {}
+    for who, token in (("alice", alice), ("bob", bob), ("ci", key)):
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+        async with (
+            http,
+            Client(streamable_http_client(f"{gw.base}/servers/mail/mcp", http_client=http)) as client,
+        ):
+            seen[who] = text_of(await client.call_tool("whoami", {}))
+    assert seen == {"alice": "alice-from-env", "bob": "shared", "ci": "ci"}
+    assert "alice-from-env" not in gw.logs()  # secret values never logged
