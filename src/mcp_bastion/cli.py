@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
+from . import __version__, admin
 from .config import (
     ConfigError,
     GatewaySettings,
@@ -28,6 +28,11 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+app.add_typer(admin.clients_app, name="clients")
+app.add_typer(admin.users_app, name="users")
+app.add_typer(admin.keys_app, name="keys")
 
 
 def _version(value: bool) -> None:
@@ -81,10 +86,31 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where state is kept (env MCP_BASTION_DATA_DIR; default: the user's data dir)."
     ),
 ]
+AuthOpt = Annotated[
+    Optional[bool],  # noqa: UP045
+    typer.Option(
+        "--auth/--no-auth",
+        help="Require sign-in on every MCP endpoint (default: on when listening beyond loopback or with "
+        "--public-url). --no-auth beyond loopback is logged as a warning at every start.",
+        show_default=False,
+    ),
+]
+DatabaseUrlOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--database-url",
+        help="SQLAlchemy URL of the sign-in store, e.g. postgresql+asyncpg://user@host/db "
+        "(default: SQLite file bastion.db in the data dir; env MCP_BASTION_DATABASE_URL).",
+    ),
+]
 LogLevelOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--log-level", help="debug, info, warning or error (env MCP_BASTION_LOG_LEVEL)."),
 ]
+
+
+def _auth_flag(value: bool | None) -> str | None:
+    return None if value is None else ("on" if value else "off")
 
 
 def _settings(base: GatewaySettings, **flags: object) -> GatewaySettings:
@@ -149,6 +175,8 @@ def expose(
     allow_host: AllowHostOpt = None,
     allow_origin: AllowOriginOpt = None,
     data_dir: DataDirOpt = None,
+    auth: AuthOpt = None,
+    database_url: DatabaseUrlOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Serve one MCP server at http://HOST:PORT/mcp (Streamable HTTP, both eras) and /sse (legacy HTTP+SSE).
@@ -164,6 +192,8 @@ def expose(
             allowed_hosts=allow_host,
             allowed_origins=allow_origin,
             data_dir=str(data_dir) if data_dir else None,
+            auth=_auth_flag(auth),
+            database_url=database_url,
             log_level=log_level,
         )
         entry: dict[str, object] = {"isolation": isolation}
@@ -224,6 +254,8 @@ def serve(
     allow_host: AllowHostOpt = None,
     allow_origin: AllowOriginOpt = None,
     data_dir: DataDirOpt = None,
+    auth: AuthOpt = None,
+    database_url: DatabaseUrlOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Serve every server in FILE: each at /servers/<name>/mcp (and /sse), all of them at /mcp (and /sse)."""
@@ -237,6 +269,8 @@ def serve(
             allowed_hosts=allow_host,
             allowed_origins=allow_origin,
             data_dir=str(data_dir) if data_dir else None,
+            auth=_auth_flag(auth),
+            database_url=database_url,
             log_level=log_level,
             prefix_mode=prefix_mode,
             separator=separator,
