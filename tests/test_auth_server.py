@@ -1328,3 +1328,17 @@ async def test_resource_compared_canonically_and_issued_as_the_gateway_spells_it
         assert "mcp:notes" in srv.metadata()["scopes_supported"]
     finally:
         await store.close()
+
+
+def test_oidc_allowed_users() -> None:
+    from mcp_bastion.auth.server import oidc_user_allowed
+
+    assert oidc_user_allowed((), "s1", None)  # no list: everyone the provider signs in
+    allowed = ("alice@example.com", "@corp.example", "sub:Xy-9")
+    assert oidc_user_allowed(allowed, "s1", "Alice@Example.com")
+    assert oidc_user_allowed(allowed, "s1", "bob@corp.example")
+    assert oidc_user_allowed(allowed, "Xy-9", None)
+    assert not oidc_user_allowed(allowed, "xy-9", None)  # subjects are case-sensitive
+    assert not oidc_user_allowed(allowed, "s1", "bob@evilcorp.example")
+    assert not oidc_user_allowed(allowed, "s1", "bob@sub.corp.example")
+    assert not oidc_user_allowed(allowed, "s1", None)  # an unverified address arrives as None

@@ -237,7 +237,8 @@ class GatewaySettings:
     allowed_redirect_uris: tuple[str, ...] = ()
     dynamic_registration: bool = True
     client_metadata_documents: bool = True
-    # Hosts exempt from the CIMD/OIDC fetchers' refusal of private and loopback addresses.
+    # Hosts exempt from the CIMD fetcher's refusal of private and loopback addresses (the OIDC
+    # provider is operator-configured and may be private: it is never refused).
     fetch_allowed_hosts: tuple[str, ...] = ()
     # PEM bundle trusted by those fetchers (private PKI); empty: the system's.
     ca_bundle: str = ""
@@ -246,6 +247,9 @@ class GatewaySettings:
     oidc_client_id: str = ""
     oidc_client_secret: str = ""  # a secret reference: env:NAME or file:PATH
     oidc_scopes: tuple[str, ...] = ("openid", "email", "profile")
+    # Who the upstream provider may sign in: e-mail addresses, "@domain", "sub:<subject>";
+    # empty: everyone it signs in (unverified e-mail addresses never match).
+    oidc_allowed_users: tuple[str, ...] = ()
 
     def validated(self) -> GatewaySettings:
         if self.prefix_mode not in ("always", "on-collision"):

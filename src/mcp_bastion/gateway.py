@@ -142,6 +142,14 @@ class Gateway:
         from .auth.store import Store
         from .auth.tokens import KeyRing
 
+        if not settings.public_url and not is_loopback_host(settings.host):
+            # The issuer and resource URLs would name the bind address (e.g. 0.0.0.0), which no
+            # client can reach or match: tokens would be minted for the wrong audience.
+            auth_log.warning(
+                "auth_without_public_url",
+                host=settings.host,
+                hint="set --public-url https://your.host (the URL clients use) beyond loopback",
+            )
         url = settings.store_url()
         store = await Store.open(url)
         self.store = store
@@ -171,13 +179,22 @@ class Gateway:
             )
 
     async def _rotate_keys(self, keyring: KeyRing) -> None:
-        """Signing keys age out while the gateway runs, not only at start."""
+        """Hourly upkeep while the gateway runs: signing keys age out, and rows that can no longer
+        matter (expired codes, pending sign-ins, refresh tokens, revoked token ids) are deleted."""
         while True:
             await asyncio.sleep(KEY_ROTATION_CHECK_SECONDS)
             try:
                 await keyring.maybe_rotate()
             except Exception as exc:  # the store may be briefly unreachable; try again later
                 auth_log.error("signing_key_rotation_failed", error=str(exc))
+            if self.store is not None:
+                try:
+                    purged = await self.store.purge_expired()
+                except Exception as exc:
+                    auth_log.error("store_purge_failed", error=str(exc))
+                else:
+                    if purged:
+                        auth_log.info("store_purged", rows=purged)
 
     async def close(self) -> None:
         await asyncio.gather(*(e.close() for e in self.entries.values()), return_exceptions=True)

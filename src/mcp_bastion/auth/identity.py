@@ -10,7 +10,7 @@ from typing import Literal
 class Identity:
     """A verified caller.
 
-    ``subject`` is stable and unique ("user:alice", "oidc:<sub>@<issuer>", "key:<key id>"); ``name`` is
+    ``subject`` is stable and unique ("user:alice", "oidc:<sub>", "key:<key id>"); ``name`` is
     what upstream credential mappings are keyed by (the user name, the OIDC e-mail or subject, or
     "key:<key name>"). ``servers`` limits which servers the caller reaches (None: all of them).
     """

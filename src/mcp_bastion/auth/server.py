@@ -263,6 +263,27 @@ def _unb64(text: str) -> bytes:
 # ---- errors -----------------------------------------------------------------------------------------
 
 
+def oidc_user_allowed(allowed: tuple[str, ...], sub: str, email: str | None) -> bool:
+    """Whether a user the upstream provider signed in may use the gateway.
+
+    Empty: everyone the provider signs in. Else each entry is a verified e-mail address
+    (``alice@example.com``), a whole domain (``@example.com``) or a subject (``sub:1234``).
+    """
+    if not allowed:
+        return True
+    address = (email or "").lower()
+    domain = address.rpartition("@")[2] if "@" in address else None
+    for entry in allowed:
+        e = entry.strip().lower()
+        if e.startswith("sub:") and entry.strip()[4:] == sub:
+            return True
+        if address and e == address:
+            return True
+        if domain and e.startswith("@") and e[1:] == domain:
+            return True
+    return False
+
+
 class OAuthError(Exception):
     """An RFC 6749 error for a JSON endpoint (``/token``, ``/register``, ``/revoke``)."""
 
@@ -1309,6 +1330,11 @@ def build_auth_app(
         except OidcError as exc:
             log.error("upstream_sign_in_failed", error=str(exc))
             return srv.redirect_error(data, "server_error", "The sign-in at the identity provider failed")
+        if not oidc_user_allowed(settings.oidc_allowed_users, user.sub, user.email):
+            log.warning("upstream_user_not_allowed", subject=user.sub)
+            return srv.redirect_error(
+                data, "access_denied", "This account may not use this gateway (oidc_allowed_users)"
+            )
         session = _Session(f"oidc:{user.sub}", user.email or user.sub, user.email, int(time.time()))
         await store.add_consent(session.subject, data["client_id"], data["scope"])
         response = await srv.issue_code(data, session)
