@@ -8,6 +8,7 @@ or logs.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import json
 import os
@@ -78,6 +79,16 @@ class ServerConfig:
     users: Mapping[str, UserCredentials] = field(default_factory=dict)
     # True: identities without an entry in ``users`` cannot use this server at all.
     users_only: bool = False
+    # Which of the server's tools are offered (shell-style patterns; empty allow: all), the rest are
+    # hidden from lists and refused as unknown: the operator's curation, and on a connector, a
+    # limit no gateway can widen.
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+
+    def tool_allowed(self, name: str) -> bool:
+        if self.tools_allow and not any(fnmatch.fnmatchcase(name, p) for p in self.tools_allow):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.tools_deny)
 
     def credentials_key(self, identity_name: str) -> str | None:
         """Which credentials an identity uses: its own name, "" for the server's own, None for none."""
@@ -154,7 +165,18 @@ def parse_server(name: str, entry: Any) -> ServerConfig:
         raise ConfigError(f"{where}: usersOnly must be true or false")
     if users_only and not users:
         raise ConfigError(f"{where}: usersOnly needs a 'users' map")
+    tools = entry.get("tools") or {}
+    if not isinstance(tools, dict) or set(tools) - {"allow", "deny"}:
+        raise ConfigError(f"{where}: tools must be an object with 'allow' and/or 'deny' lists")
+    patterns: dict[str, tuple[str, ...]] = {}
+    for label in ("allow", "deny"):
+        raw = tools.get(label) or []
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+            raise ConfigError(f"{where}: tools.{label} must be a list of tool names or patterns")
+        patterns[label] = tuple(raw)
     common: dict[str, Any] = {
+        "tools_allow": patterns["allow"],
+        "tools_deny": patterns["deny"],
         "isolation": isolation,
         "era": era,
         "timeout": float(timeout),

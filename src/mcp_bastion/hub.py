@@ -491,6 +491,11 @@ class Hub:
                 raise
             await self.refresh_names(peer)  # a name this hub has not listed yet
             server, rewritten = self._target(method, message)
+        if method == "tools/call":
+            name = str(rpc.params_of(rewritten).get("name", ""))
+            if not self.entries[server].config.tool_allowed(name):
+                shown = rpc.params_of(message).get("name")
+                raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Unknown tool: {shown}")
         return await self.forward(peer, server, rewritten, method)
 
     def _target(self, method: str, message: rpc.Message) -> tuple[str, rpc.Message]:
@@ -752,8 +757,11 @@ class Hub:
         if not isinstance(result, dict):
             return reply
         out = result
+        config = self.entries[server].config
+        if method == "tools/list" and (config.tools_allow or config.tools_deny):
+            out = {**out, "tools": self._offered(server, out.get("tools"))}
         if method in ("tools/list", "prompts/list", "resources/list", "resources/templates/list"):
-            out = self._rename_list(server, method, result)
+            out = self._rename_list(server, method, out)
             if method == "tools/list":
                 self._remember_tools(out.get("tools"))
         if channel.era == "legacy" and peer.era == "modern":
@@ -768,6 +776,13 @@ class Hub:
         if out is result:
             return reply
         return {**reply, "result": out}
+
+    def _offered(self, server: str, tools: Any) -> list[Any]:
+        """A server's tools minus those its configuration hides (tools allow/deny)."""
+        config = self.entries[server].config
+        if not isinstance(tools, list):
+            return []
+        return [t for t in tools if isinstance(t, dict) and config.tool_allowed(str(t.get("name", "")))]
 
     def _rename_list(self, server: str, method: str, result: dict[str, Any]) -> dict[str, Any]:
         if self.single:
@@ -1019,6 +1034,8 @@ class Hub:
             cursor = reply.get("nextCursor") if isinstance(reply, dict) else None
             if cursor is None:
                 break
+        if key == "tools":
+            items = self._offered(entry.name, items)
         entry.list_cache[cache_key] = items
         return items
 
