@@ -8,10 +8,16 @@
 #                    older releases whose engines still allow it)
 #   .tools/src/      the unpacked `mcp` sdist, whose examples/servers/everything-server is
 #                    pip-installed into the project virtualenv ($VENV, default .venv)
+#   /usr/bin/chromium Debian's `chromium` package (apt, needs root), driven by the Python
+#                    `playwright` package of the test extra through its executable_path;
+#                    `playwright install` (browser downloads) is never used
+#   /usr/sbin/nft     Debian's `nftables` package (apt, needs root), which the network-namespace
+#                    tunnel tests use to black-hole a link and to firewall the `private` namespace
 #
 # Idempotent: every step checks what is installed and is skipped when it already matches the
 # pins below, so a second run takes well under a second. Needs no stdin (safe with CI=true).
-# Writes nothing outside the repository except npm's and pip's caches.
+# Writes nothing outside the repository except npm's and pip's caches and the chromium and
+# nftables packages.
 set -euo pipefail
 
 NODE_SPEC="22"
@@ -114,6 +120,38 @@ else
     "$VENV/bin/python" -m pip install --quiet "$EVERYTHING_DIR" "mcp==$MCP_SDK_VERSION" </dev/null
     "$VENV/bin/python" -c 'import mcp_everything_server' || die "mcp_everything_server does not import after install"
     touch "$STAMP"
+fi
+
+# Debian packages: installed with apt when missing (root, no stdin); quiet unless apt fails.
+apt_install() {
+    local package="$1"
+    [[ "$(id -u)" == 0 ]] || die "$package is missing and installing it needs root: apt-get install $package"
+    log "installing Debian's $package (apt)"
+    local out
+    if ! out="$(DEBIAN_FRONTEND=noninteractive apt-get update -qq 2>&1 </dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" 2>&1 </dev/null)"; then
+        printf '%s\n' "$out" >&2
+        die "apt-get install $package failed"
+    fi
+}
+
+# --- 4. Chromium for the browser sign-in tests (Playwright drives the system binary) ---------
+CHROMIUM=/usr/bin/chromium
+if [[ -x "$CHROMIUM" ]]; then
+    log "chromium already at $CHROMIUM"
+else
+    apt_install chromium
+    [[ -x "$CHROMIUM" ]] || die "apt-get installed chromium, but $CHROMIUM is not there"
+    log "installed $("$CHROMIUM" --version 2>/dev/null || echo chromium)"
+fi
+
+# --- 5. nftables for the network-namespace tests (black-holing a link, firewalling a namespace) --
+if command -v nft >/dev/null 2>&1; then
+    log "nft already at $(command -v nft)"
+else
+    apt_install nftables
+    command -v nft >/dev/null 2>&1 || die "apt-get installed nftables, but there is no nft on PATH"
+    log "installed $(nft --version 2>/dev/null || echo nft)"
 fi
 
 log "done"

@@ -1115,6 +1115,9 @@ class AuthorizationServer:
             raise OAuthError("invalid_grant", f"The refresh token is invalid ({result.reason or 'unknown'})")
         record = result.record
         scope = scope or record.scope
+        log.info(
+            "tokens_refreshed", client_id=client.client_id, subject=record.subject, family=record.family_id
+        )
         return await self.token_response(
             subject=record.subject,
             name=record.name,

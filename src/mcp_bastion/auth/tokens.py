@@ -34,8 +34,9 @@ log = structlog.get_logger("mcp_bastion.auth")
 
 ALG = "ES256"
 ACCESS_TOKEN_TYPE = "at+jwt"
-# Clock skew tolerated on exp/nbf/iat between gateway processes (and the clients' view of them).
-LEEWAY_SECONDS = 30
+# Clock skew tolerated on exp/nbf/iat between gateway replicas sharing a store (NTP keeps them within
+# a second or two); small, because a token is then accepted that long past its ``expires_in``.
+LEEWAY_SECONDS = 5
 # Verified tokens kept in memory; beyond this the least recently used are dropped.
 CACHE_MAX_ENTRIES = 10_000
 # A cached token is re-checked against the revocation tables this often, so a revocation made by
