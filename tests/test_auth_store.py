@@ -113,7 +113,7 @@ async def test_open_migrates_and_second_open_is_a_noop(store_url: str) -> None:
         await first.add_user("alice", "correct horse")
         async with first.engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
-        assert versions == ["0001"]
+        assert versions == [SCHEMA_HEAD]
     finally:
         await first.close()
     second = await Store.open(store_url)
@@ -121,7 +121,7 @@ async def test_open_migrates_and_second_open_is_a_noop(store_url: str) -> None:
         assert [u.username for u in await second.list_users()] == ["alice"]
         async with second.engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
-        assert versions == ["0001"]
+        assert versions == [SCHEMA_HEAD]
     finally:
         await second.close()
 

@@ -575,4 +575,107 @@ def keys_revoke(
     _say(f"revoked key {name_or_id}")
 
 
-__all__ = ["clients_app", "keys_app", "parse_expiry", "redirect_uri_problem", "users_app"]
+# ---- tunnel connectors ------------------------------------------------------------------------------
+
+connectors_app = typer.Typer(
+    help="Tunnel connectors: private machines that dial out to this gateway and bring their servers.",
+    no_args_is_help=True,
+    context_settings=_HELP,
+)
+
+
+@connectors_app.command("add")
+def connectors_add(
+    name: Annotated[
+        str, typer.Argument(help="1-64 letters, digits, '.', '_' or '-'; unique among active connectors.")
+    ],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
+    """Add a connector and print its token once, as the only line on standard output (stored hashed)."""
+    if not valid_key_name(name):
+        _fail(
+            f"invalid connector name {name!r}: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    target = _target(config, data_dir, database_url)
+
+    async def add(store: Store) -> tuple[str, str] | None:
+        try:
+            record, token = await store.create_connector(name)
+        except AlreadyExists:
+            return None
+        return record.id, token
+
+    created = _with_store(target, add)
+    if created is None:
+        _fail(f"an active connector named {name!r} exists already (revoke it first)", EXIT_NOT_FOUND)
+    connector_id, token = created
+    typer.echo(token)
+    _say(
+        f"added connector {name} (id {connector_id}). Its token is shown only now: on the private machine "
+        "run  mcp-bastion connect https://<this gateway> --token <token> --config servers.json"
+    )
+
+
+@connectors_app.command("list")
+def connectors_list(
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
+    """Every connector: attached or not, since when, from where, and its servers (never the token)."""
+    target = _target(config, data_dir, database_url)
+    records = _with_store(target, lambda store: store.list_connectors())
+    now = datetime.now(UTC)
+    if as_json:
+        _json(
+            [
+                {
+                    "name": c.name,
+                    "id": c.id,
+                    "attached": c.attached(now),
+                    "since": _iso(c.last_connected_at) if c.attached(now) else None,
+                    "last_connected_at": _iso(c.last_connected_at),
+                    "last_seen_at": _iso(c.last_seen_at),
+                    "from": c.last_address,
+                    "servers": c.servers,
+                    "created_at": _iso(c.created_at),
+                    "revoked_at": _iso(c.revoked_at),
+                }
+                for c in records
+            ]
+        )
+        return
+    rows = [
+        [
+            c.name,
+            c.id,
+            "yes" if c.attached(now) else "no",
+            _when(c.last_connected_at, "never"),
+            c.last_address or "-",
+            ",".join(c.servers) or "-",
+            _when(c.revoked_at),
+        ]
+        for c in records
+    ]
+    _table(["NAME", "ID", "ATTACHED", "SINCE", "FROM", "SERVERS", "REVOKED"], rows, "no connectors")
+
+
+@connectors_app.command("revoke")
+def connectors_revoke(
+    name_or_id: Annotated[str, typer.Argument(metavar="NAME_OR_ID", help="The connector's id or name.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
+    """Revoke a connector: its token stops working and a running gateway closes its link within seconds."""
+    target = _target(config, data_dir, database_url)
+    if not _with_store(target, lambda store: store.revoke_connector(name_or_id)):
+        _fail(f"no connector {name_or_id!r}", EXIT_NOT_FOUND)
+    _say(f"revoked connector {name_or_id}")
+
+
+__all__ = ["clients_app", "connectors_app", "keys_app", "parse_expiry", "redirect_uri_problem", "users_app"]

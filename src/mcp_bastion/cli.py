@@ -33,6 +33,7 @@ app = typer.Typer(
 app.add_typer(admin.clients_app, name="clients")
 app.add_typer(admin.users_app, name="users")
 app.add_typer(admin.keys_app, name="keys")
+app.add_typer(admin.connectors_app, name="connectors")
 
 
 def _version(value: bool) -> None:
@@ -279,8 +280,84 @@ def serve(
         _fail(str(exc))
         return
     if not loaded.servers:
-        _fail(f"{config}: no servers configured")
+        # A gateway for tunnel connectors only: their servers join while it runs.
+        typer.echo(f"mcp-bastion: {config}: no servers of its own; serving connectors' servers", err=True)
     _run(settings, loaded.servers, single=False)
+
+
+@app.command()
+def connect(
+    url: Annotated[str, typer.Argument(help="The gateway's URL, e.g. https://gateway.example.com")],
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            help="The servers to offer: an mcpServers JSON file (as for serve), optionally with "
+            'per-server "tools": {"allow": [...], "deny": [...]}.',
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    token: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--token",
+            help="The connector token from 'mcp-bastion connectors add' (or env:NAME, file:PATH; "
+            "default: env MCP_BASTION_CONNECTOR_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    ca_bundle: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--ca-bundle", help="PEM bundle to verify the gateway with (private PKI).", exists=True),
+    ] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="The connector's name; the gateway checks it matches the token.")
+    ] = "",
+    insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-http", help="Allow a plain http:// gateway beyond loopback (token in clear)."
+        ),
+    ] = False,
+    heartbeat: Annotated[
+        float, typer.Option("--heartbeat", help="Seconds between heartbeats; 3 missed: the link is dead.")
+    ] = 10.0,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Dial out to a gateway and serve the servers in FILE through it (nothing listens here).
+
+    Example: mcp-bastion connect https://gateway.example.com --token env:BASTION_TOKEN --config servers.json
+    """
+    from . import logs
+    from .config import resolve_secret
+    from .tunnel.connector import Connector, ConnectorError
+    from .tunnel.connector import run as run_connector
+
+    raw = token or os.environ.get("MCP_BASTION_CONNECTOR_TOKEN", "")
+    if not raw:
+        _fail("give the connector token: --token TOKEN (or env:NAME, file:PATH)")
+    if not heartbeat > 0:
+        _fail("--heartbeat must be positive")
+    try:
+        secret = resolve_secret(raw)
+        loaded = load_config_file(config)
+        level = from_environment(loaded.settings).log_level if log_level is None else log_level
+        logs.configure(level, "json")
+        connector = Connector(
+            url,
+            secret.strip(),
+            loaded.servers,
+            name=name,
+            ca_bundle=str(ca_bundle) if ca_bundle else None,
+            insecure_http=insecure_http,
+            heartbeat_seconds=heartbeat,
+        )
+    except (ConfigError, ConnectorError) as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(run_connector(connector))
 
 
 def main() -> None:

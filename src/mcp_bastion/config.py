@@ -64,7 +64,7 @@ class ServerConfig:
     """One upstream server, from an ``mcpServers`` entry."""
 
     name: str
-    transport: Literal["stdio", "http", "sse"]
+    transport: Literal["stdio", "http", "sse", "tunnel"]  # tunnel: added by a connector, never parsed
     command: str | None = None
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)

@@ -16,6 +16,8 @@ from .core.sealing import StateSealer
 from .hub import Hub, ServerEntry
 from .transport.asgi import McpHttpApp
 from .transport.security import HostPolicy
+from .tunnel.protocol import MAX_MESSAGE
+from .tunnel.relay import Relay, protect_like_root
 from .upstream.base import Channel, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -64,6 +66,28 @@ class Gateway:
             settings.host,
         )
         self.app = McpHttpApp(self.hubs, settings, policy, self.health)
+        # Tunnel connectors attach at /connect and bring servers of their own (serve only).
+        self.relay = None if single else Relay(self)
+        if self.relay is not None:
+            self.app.connect = self.relay.handle
+
+    def add_server(self, config: ServerConfig) -> ServerEntry:
+        """A server that joins while the gateway runs (a connector's): in /mcp and at /servers/<name>/mcp."""
+        if config.name in self.entries or self.single:
+            raise ValueError(f"cannot add server {config.name!r} here")
+        entry = ServerEntry(config, self._on_events)
+        entry.on_change = self._server_changed
+        self.entries[config.name] = entry
+        self._listeners[config.name] = []
+        aggregate = self.hubs[""]
+        aggregate.add_entry(entry)
+        self._listeners[config.name].append(aggregate)
+        base = f"/servers/{config.name}"
+        self._add_hub(base, [entry], aggregate=False)
+        self.app.add_hub(base, self.hubs[base])
+        if self.app.guard is not None:
+            protect_like_root(self.app.guard, config.name)
+        return entry
 
     def _add_hub(self, base: str, entries: list[ServerEntry], *, aggregate: bool) -> None:
         hub = Hub(
@@ -108,7 +132,20 @@ class Gateway:
             name: {"ready": e.ready(), **({"error": e.last_error} if e.last_error else {})}
             for name, e in self.entries.items()
         }
-        return {"ready": all(s["ready"] for s in servers.values()), "servers": servers}
+        if self.relay is None:
+            return {"ready": all(s["ready"] for s in servers.values()), "servers": servers}
+        for name, report in servers.items():
+            connector = self.relay.owner(name)
+            if connector is not None:
+                report["connector"] = connector
+                if not self.relay.online(name):
+                    report["ready"] = False
+                    report["error"] = f"connector {connector!r} is offline"
+        return {
+            "ready": all(s["ready"] for s in servers.values()),
+            "servers": servers,
+            "connectors": self.relay.report(),
+        }
 
     async def start_upstreams(self) -> None:
         """Start every server's handshake-era channel now, so the first client does not wait.
@@ -197,6 +234,8 @@ class Gateway:
                         auth_log.info("store_purged", rows=purged)
 
     async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.close()
         await asyncio.gather(*(e.close() for e in self.entries.values()), return_exceptions=True)
         if self._rotator is not None:
             self._rotator.cancel()
@@ -215,6 +254,7 @@ class Gateway:
             loop="none",
             http="httptools",
             timeout_graceful_shutdown=5,
+            ws_max_size=MAX_MESSAGE,  # tunnel frames are bounded; so are the messages carrying them
         )
         server = uvicorn.Server(config)
         loop = asyncio.get_running_loop()

@@ -261,6 +261,10 @@ class Hub:
         # rebuild the shared name maps without reaching the others.
         self._last_lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
+    def add_entry(self, entry: ServerEntry) -> None:
+        """A server that joined while the gateway runs (brought by a tunnel connector)."""
+        self.entries[entry.name] = entry
+
     def usable(self, peer: Peer) -> list[ServerEntry]:
         """The servers this peer's identity may use, in configuration order."""
         return [e for e in self.entries.values() if e.usable_by(peer)]

@@ -75,7 +75,7 @@ __all__ = [
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions/ (a test keeps the two in step).
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 API_KEY_PREFIX = "mcpb_"
 REFRESH_TOKEN_PREFIX = "mcpbrt_"
 CODE_PREFIX = "mcpbac_"
@@ -275,6 +275,28 @@ settings = Table(
     Column("value", Text, nullable=False),
 )
 
+connectors = Table(
+    "connectors",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
+    Column("last_connected_at", UTCDateTime),
+    Column("last_seen_at", UTCDateTime),
+    Column("detached_at", UTCDateTime),
+    Column("last_address", String(256)),
+    Column("servers", JSON),
+    Index(
+        "ux_connectors_active_name",
+        "name",
+        unique=True,
+        sqlite_where=text("revoked_at IS NULL"),
+        postgresql_where=text("revoked_at IS NULL"),
+    ),
+)
+
 
 # ---- records ----------------------------------------------------------------------------------------
 
@@ -380,6 +402,50 @@ class SigningKeyRecord:
     private_pem: str
     created_at: datetime
     retired_at: datetime | None
+
+
+CONNECTOR_TOKEN_PREFIX = "mcpbc_"
+# A gateway refreshes last_seen_at of attached connectors at least this often; a row not refreshed for
+# three times as long belongs to a gateway that stopped without saying so, and counts as detached.
+CONNECTOR_SEEN_INTERVAL = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorRecord:
+    """A tunnel connector without its token; ``servers`` are those it offered when it last attached."""
+
+    id: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_connected_at: datetime | None
+    last_seen_at: datetime | None
+    detached_at: datetime | None
+    last_address: str | None
+    servers: list[str]
+
+    def attached(self, now: datetime | None = None) -> bool:
+        """Whether a gateway reported this connector's link as up (recently enough to be believed)."""
+        if self.revoked_at is not None or self.last_connected_at is None or self.last_seen_at is None:
+            return False
+        if self.detached_at is not None and self.detached_at >= self.last_connected_at:
+            return False
+        return (now or _now()) - self.last_seen_at < 3 * CONNECTOR_SEEN_INTERVAL
+
+
+def _connector(row: Row[Any]) -> ConnectorRecord:
+    m = row._mapping
+    return ConnectorRecord(
+        id=m["id"],
+        name=m["name"],
+        created_at=m["created_at"],
+        revoked_at=m["revoked_at"],
+        last_connected_at=m["last_connected_at"],
+        last_seen_at=m["last_seen_at"],
+        detached_at=m["detached_at"],
+        last_address=m["last_address"],
+        servers=list(m["servers"] or []),
+    )
 
 
 def _client(row: Row[Any]) -> ClientRecord:
@@ -1275,3 +1341,123 @@ class Store:
             )
             total += res.rowcount
         return total
+
+    # ---- tunnel connectors ------------------------------------------------------------------------
+
+    async def create_connector(self, name: str) -> tuple[ConnectorRecord, str]:
+        """A new connector; its token (``mcpbc_<id>_<43 chars>``) is returned here and never again."""
+        if not valid_key_name(name):
+            raise ValueError(
+                "connector names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        record = ConnectorRecord(
+            id=_random.token_hex(6),
+            name=name,
+            created_at=_now(),
+            revoked_at=None,
+            last_connected_at=None,
+            last_seen_at=None,
+            detached_at=None,
+            last_address=None,
+            servers=[],
+        )
+        token = new_secret(f"{CONNECTOR_TOKEN_PREFIX}{record.id}_")
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    insert(connectors).values(
+                        id=record.id,
+                        name=name,
+                        token_hash=hash_secret(token),
+                        created_at=record.created_at,
+                        servers=[],
+                    )
+                )
+        except IntegrityError:
+            raise AlreadyExists(f"a connector named {name!r} exists already (revoke it first)") from None
+        return record, token
+
+    async def find_connector(self, token: str) -> ConnectorRecord | None:
+        """The connector a presented token belongs to; None if malformed, unknown or revoked."""
+        parts = token.split("_", 2)
+        if len(parts) != 3 or parts[0] + "_" != CONNECTOR_TOKEN_PREFIX or not _KEY_ID.fullmatch(parts[1]):
+            return None
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(connectors).where(connectors.c.token_hash == hash_secret(token)))
+            ).first()
+        if row is None:
+            return None
+        record = _connector(row)
+        if record.id != parts[1] or record.revoked_at is not None:
+            return None
+        return record
+
+    async def get_connector(self, connector_id: str) -> ConnectorRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(connectors).where(connectors.c.id == connector_id))).first()
+        return None if row is None else _connector(row)
+
+    async def list_connectors(self) -> list[ConnectorRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(connectors).order_by(connectors.c.created_at, connectors.c.id))
+            return [_connector(r) for r in rows]
+
+    async def revoke_connector(self, name_or_id: str) -> bool:
+        """Revoke the connector with that id, else the active one with that name; False if there is none.
+
+        Revoking an already revoked connector is a success (nothing changes)."""
+        now = _now()
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(connectors)
+                .where(connectors.c.id == name_or_id, connectors.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            if res.rowcount == 0:
+                res = await conn.execute(
+                    update(connectors)
+                    .where(connectors.c.name == name_or_id, connectors.c.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                )
+            if res.rowcount > 0:
+                return True
+            found = await conn.execute(
+                select(connectors.c.id)
+                .where(or_(connectors.c.id == name_or_id, connectors.c.name == name_or_id))
+                .limit(1)
+            )
+            return found.first() is not None
+
+    async def connector_attached(self, connector_id: str, address: str, servers: Sequence[str]) -> None:
+        """A gateway accepted the connector's link (from ``address``, offering ``servers``)."""
+        now = _now()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(connectors)
+                .where(connectors.c.id == connector_id)
+                .values(
+                    last_connected_at=now,
+                    last_seen_at=now,
+                    last_address=address[:256],
+                    servers=sorted(set(servers)),
+                )
+            )
+
+    async def connector_seen(self, connector_ids: Sequence[str]) -> None:
+        """These connectors' links are still up (refreshed every CONNECTOR_SEEN_INTERVAL)."""
+        if not connector_ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(connectors).where(connectors.c.id.in_(list(connector_ids))).values(last_seen_at=_now())
+            )
+
+    async def connector_detached(self, connector_id: str) -> None:
+        now = _now()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(connectors)
+                .where(connectors.c.id == connector_id)
+                .values(detached_at=now, last_seen_at=now)
+            )

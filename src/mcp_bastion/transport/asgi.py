@@ -259,14 +259,20 @@ class McpHttpApp:
         self.health = health
         self.routes: dict[str, tuple[str, Hub]] = {}
         for base, hub in hubs.items():
-            self.routes[f"{base}/mcp"] = ("mcp", hub)
-            self.routes[f"{base}/sse"] = ("sse", hub)
-            self.routes[f"{base}/messages"] = ("messages", hub)
-            self.routes[f"{base}/messages/"] = ("messages", hub)
+            self.add_hub(base, hub)
         self.sessions: dict[str, LegacySession] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.guard: ResourceGuard | None = None
         self.auth_app: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        # The tunnel relay's WebSocket endpoint (GET /connect), when this gateway accepts connectors.
+        self.connect: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+
+    def add_hub(self, base: str, hub: Hub) -> None:
+        """Serve ``hub`` at ``<base>/mcp``, ``<base>/sse`` and ``<base>/messages``."""
+        self.routes[f"{base}/mcp"] = ("mcp", hub)
+        self.routes[f"{base}/sse"] = ("sse", hub)
+        self.routes[f"{base}/messages"] = ("messages", hub)
+        self.routes[f"{base}/messages/"] = ("messages", hub)
 
     def enable_auth(
         self, guard: ResourceGuard, auth_app: Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -279,6 +285,12 @@ class McpHttpApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            if scope["path"] == "/connect" and self.connect is not None:
+                await self.connect(scope, receive, send)
+            elif (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint here"})
             return
         if scope["type"] != "http":
             return

@@ -26,4 +26,10 @@ def make_channel(config: ServerConfig, era: Era, sink: Sink) -> Channel:
     headers = resolve_mapping(config.headers)
     if config.transport == "sse":
         return SseChannel(config.name, sink, config.url, headers, config.timeout)
+    if config.transport == "tunnel":  # a server behind a connector: Streamable HTTP over its link
+        from ..tunnel.relay import TunnelTransport
+
+        return StreamableHttpChannel(
+            config.name, era, sink, config.url, headers, config.timeout, TunnelTransport(config.name)
+        )
     return StreamableHttpChannel(config.name, era, sink, config.url, headers, config.timeout)

@@ -67,22 +67,30 @@ def param_headers(schema: Any, arguments: Any) -> dict[str, str]:
     return out
 
 
-def _client(timeout: float) -> httpx.AsyncClient:
+def _client(timeout: float, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, read=None),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         follow_redirects=False,
+        transport=transport,  # None: the network; a TunnelTransport for servers behind a connector
     )
 
 
 class _HttpBase(Channel):
     def __init__(
-        self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float
+        self,
+        server: str,
+        era: Era,
+        sink: Sink,
+        url: str,
+        headers: Mapping[str, str],
+        timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         super().__init__(server, era, sink, handshake_timeout=timeout)
         self.url = url
         self.headers = dict(headers)
-        self.client = _client(timeout)
+        self.client = _client(timeout, transport)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -108,9 +116,16 @@ class StreamableHttpChannel(_HttpBase):
     """Streamable HTTP: one POST per message; replies as JSON or SSE."""
 
     def __init__(
-        self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float
+        self,
+        server: str,
+        era: Era,
+        sink: Sink,
+        url: str,
+        headers: Mapping[str, str],
+        timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
-        super().__init__(server, era, sink, url, headers, timeout)
+        super().__init__(server, era, sink, url, headers, timeout, transport)
         self.session_id: str | None = None
         self.version = LATEST_MODERN if era == "modern" else ""
         self._inflight: dict[rpc.RequestId, asyncio.Task[None]] = {}

@@ -1,0 +1,331 @@
+"""The private end of the tunnel: ``mcp-bastion connect``.
+
+It runs an ordinary :class:`~mcp_bastion.gateway.Gateway` for its own servers in-process, with no
+listening socket, dials the gateway out (one WebSocket), and answers each stream the gateway opens
+by running it through that gateway's ASGI app, for ``/servers/<accepted server>/mcp`` only. The
+local servers (stdio children) keep running while the link drops and comes back. Upstream secrets
+stay here: the gateway sees MCP messages, never this side's env or headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import signal
+import ssl
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import certifi
+import orjson
+import structlog
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from .. import __version__
+from ..config import GatewaySettings, ServerConfig, is_loopback_host
+from ..gateway import Gateway
+from . import protocol as p
+from .link import ClientWire, Link, StreamReset, TunnelStream
+from .relay import CONNECT_PATH
+
+log = structlog.get_logger("mcp_bastion.tunnel")
+
+BACKOFF_START = 0.5
+BACKOFF_CAP = 30.0
+HEALTHY_AFTER = 30.0  # a link up this long resets the backoff
+WELCOME_TIMEOUT = 15.0
+OPEN_TIMEOUT = 15.0
+_SERVER_PATH = re.compile(r"/servers/([^/]+)/mcp")
+
+
+class ConnectorError(Exception):
+    """The connector cannot run as configured, or the gateway refused it for good (bad token)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the connector dials: the WebSocket URL, and the one origin its token may go to."""
+
+    ws_url: str
+    origin: str
+    secure: bool
+
+
+def endpoint(url: str, *, insecure_http: bool = False) -> Endpoint:
+    """The ``/connect`` WebSocket URL for a gateway URL; plain http only to loopback unless allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConnectorError(f"{url!r}: give the gateway's https:// URL")
+    if parts.username or parts.password:
+        raise ConnectorError(f"{url!r}: no credentials in the URL; use --token")
+    if parts.query or parts.fragment:
+        raise ConnectorError(f"{url!r}: no query or fragment in the gateway URL")
+    secure = parts.scheme == "https"
+    if not secure and not insecure_http and not is_loopback_host(parts.hostname):
+        raise ConnectorError(
+            f"{url!r}: plain http would send the token in clear; use https:// "
+            "(or --insecure-http on a network you trust)"
+        )
+    path = parts.path.rstrip("/")
+    if path.endswith(CONNECT_PATH):
+        path = path[: -len(CONNECT_PATH)]
+    ws_url = urlunsplit(("wss" if secure else "ws", parts.netloc, path + CONNECT_PATH, "", ""))
+    return Endpoint(ws_url, f"{parts.scheme}://{parts.netloc}".lower(), secure)
+
+
+class _NoRedirects(ws_connect):
+    """The token goes to the configured origin and nowhere else: a redirect is an error, not followed."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        if isinstance(exc, InvalidStatus) and 300 <= exc.response.status_code < 400:
+            where = exc.response.headers.get("Location", "?")
+            return ConnectorError(f"the gateway answered with a redirect to {where!r}; not followed")
+        return exc
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """Verification on, always: the given bundle (private PKI) or the usual public roots."""
+    return ssl.create_default_context(cafile=ca_bundle or certifi.where())
+
+
+class Connector:
+    """Runs the local servers and keeps one link to the gateway up, reconnecting with backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        servers: list[ServerConfig],
+        *,
+        name: str = "",
+        ca_bundle: str | None = None,
+        insecure_http: bool = False,
+        heartbeat_seconds: float = p.HEARTBEAT_SECONDS,
+    ) -> None:
+        if not servers:
+            raise ConnectorError("no servers configured")
+        self.endpoint = endpoint(url, insecure_http=insecure_http)
+        self.token = token
+        self.name = name
+        self.ssl = tls_context(ca_bundle) if self.endpoint.secure else None
+        self.heartbeat_seconds = heartbeat_seconds
+        # The local gateway is never on a socket: its Host check has nothing to protect here.
+        settings = GatewaySettings(auth="off", allowed_hosts=("*",))
+        self.gateway = Gateway(settings, servers)
+        self.servers = [s.name for s in servers]
+        self.accepted: set[str] = set()
+        self.link: Link | None = None
+        self._stop = asyncio.Event()
+        self._lifespan_in: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        self._lifespan: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Until stopped: start the local servers, then keep the link up."""
+        await self._start_app()
+        await self.gateway.start_upstreams()
+        log.info("connector_started", gateway=self.endpoint.origin, servers=self.servers)
+        delay = BACKOFF_START
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    reason = await self._session()
+                    log.warning("link_lost", reason=reason)
+                except ConnectorError:
+                    raise
+                except (OSError, TimeoutError, WebSocketException) as exc:
+                    log.warning("connect_failed", error=f"{type(exc).__name__}: {exc}")
+                if self._stop.is_set():
+                    break
+                if time.monotonic() - started >= HEALTHY_AFTER:
+                    delay = BACKOFF_START
+                wait = delay * random.uniform(0.5, 1.0)
+                log.info("reconnecting", seconds=round(wait, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), wait)
+                delay = min(delay * 2, BACKOFF_CAP)
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.link is not None:
+            self.link.stop("the connector is shutting down")
+
+    async def _shutdown(self) -> None:
+        if self.link is not None and not self.link.closed.is_set():
+            await self.link.close("the connector is shutting down", 1001)
+        await self._lifespan_in.put({"type": "lifespan.shutdown"})
+        if self._lifespan is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lifespan, 10)
+        await self.gateway.close()
+        log.info("connector_stopped")
+
+    async def _start_app(self) -> None:
+        """The local app's lifespan (its idle-session sweeper), as a server would run it."""
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete" and not started.done():
+                started.set_result(None)
+
+        self._lifespan = asyncio.create_task(
+            self.gateway.app({"type": "lifespan", "asgi": {"version": "3.0"}}, self._lifespan_in.get, send)
+        )
+        await self._lifespan_in.put({"type": "lifespan.startup"})
+        await started
+
+    # ---- one link ----------------------------------------------------------------------------------
+    async def _session(self) -> str:
+        """Connect, introduce ourselves, serve streams until the link ends; returns why it ended."""
+        try:
+            ws = await _NoRedirects(
+                self.endpoint.ws_url,
+                additional_headers={"Authorization": f"Bearer {self.token}"},
+                user_agent_header=f"mcp-bastion-connector/{__version__}",
+                ssl=self.ssl,
+                max_size=p.MAX_MESSAGE,
+                compression=None,
+                ping_interval=None,  # the tunnel's own heartbeats
+                open_timeout=OPEN_TIMEOUT,
+                close_timeout=2,
+                # wss: an HTTPS proxy from the environment sees only TLS; ws (loopback): no proxy.
+                proxy=True if self.endpoint.secure else None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            detail = _error_text(exc.response.body)
+            if status in (401, 403):
+                raise ConnectorError(f"the gateway refused the connector (HTTP {status}): {detail}") from None
+            raise OSError(f"the gateway answered HTTP {status}: {detail}") from None
+        welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
+
+        def control(ev: p.Event) -> None:
+            if isinstance(ev, p.Welcome) and not welcome.done():
+                self.accepted = set(ev.accepted)
+                welcome.set_result(ev)
+            elif isinstance(ev, p.GoAway):
+                log.warning("gateway_goaway", reason=ev.reason)
+
+        mux = p.Mux("connector", heartbeat_seconds=self.heartbeat_seconds, now=time.monotonic())
+        link = Link(ClientWire(ws), mux, on_open=self._serve, on_control=control)
+        self.link = link
+        running = asyncio.create_task(link.run())
+        try:
+            await link.send_frames(mux.hello(self.name, self.servers, f"mcp-bastion/{__version__}"))
+            waitables: set[asyncio.Future[Any]] = {welcome, running}
+            done, _ = await asyncio.wait(
+                waitables, timeout=WELCOME_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if welcome in done:
+                answer = welcome.result()
+                for server, why in answer.refused.items():
+                    log.error("server_refused", server=server, reason=why)
+                log.info("link_up", gateway=self.endpoint.origin, accepted=answer.accepted)
+                if not answer.accepted:
+                    log.error("no_server_accepted", hint="rename the servers in the config (names clash)")
+            elif running not in done:
+                await link.close("no WELCOME from the gateway", 1002)
+            return await running
+        finally:
+            welcome.cancel()
+            if not running.done():
+                link.stop("shut down")
+                with contextlib.suppress(BaseException):
+                    await running
+
+    async def _serve(self, stream: TunnelStream) -> None:
+        """One stream: one HTTP request to the local app, if it is for a server the gateway accepted."""
+        opened = stream.opened
+        assert opened is not None
+        path, _, query = opened.path.partition("?")
+        match = _SERVER_PATH.fullmatch(path)
+        if match is None or match.group(1) not in self.accepted:
+            body = orjson.dumps({"error": "not found: this connector serves /servers/<name>/mcp only"})
+            await stream.respond(404, [("content-type", "application/json")])
+            await stream.write(body)
+            await stream.end()
+            return
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": opened.method.upper(),
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode("latin-1", "replace"),
+            "query_string": query.encode("latin-1", "replace"),
+            "root_path": "",
+            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in opened.headers],
+            "client": ("tunnel", 0),
+            "server": ("tunnel", 0),
+        }
+        body_done = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_done
+            if not body_done:
+                try:
+                    chunk = await stream.read()
+                except StreamReset:
+                    return {"type": "http.disconnect"}
+                if chunk:
+                    return {"type": "http.request", "body": chunk, "more_body": True}
+                body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await stream.gone.wait()  # the gateway reset the stream (its caller left), or we ended it
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                await stream.respond(int(message["status"]), headers)
+            elif message["type"] == "http.response.body":
+                await stream.write(bytes(message.get("body", b"")))
+                if not message.get("more_body", False):
+                    await stream.end()
+
+        await self.gateway.app(scope, receive, send)
+        if stream.error is None and not stream.gone.is_set():
+            stream.reset("the local app ended without a complete response")
+
+
+def _error_text(body: bytes | bytearray | None) -> str:
+    if not body:
+        return "no detail"
+    with contextlib.suppress(orjson.JSONDecodeError):
+        value = orjson.loads(body)
+        if isinstance(value, dict) and isinstance(value.get("error"), str):
+            return str(value["error"])[:300]
+    return bytes(body[:300]).decode("utf-8", "replace")
+
+
+def run(connector: Connector) -> int:
+    """Run until SIGINT/SIGTERM; 0 after a clean stop, 1 when the gateway refused us for good."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, connector.stop)
+        try:
+            await connector.run()
+        except ConnectorError as exc:
+            log.error("connector_refused", error=str(exc))
+            return 1
+        return 0
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(main())

@@ -1,0 +1,458 @@
+"""The tunnel on loopback: a real gateway process, connectors made with the real CLI, ``mcp-bastion
+connect`` as real subprocesses in front of the notes server and the everything-server, real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+from mcp import Client
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import InvalidStatus
+
+from mcp_bastion.tunnel import protocol as p
+from mcp_bastion.tunnel.link import ClientWire, Link, TunnelStream
+from tests.conftest import (
+    BASTION,
+    GatewayFactory,
+    RunningGateway,
+    everything_entry,
+    notes_entry,
+    servers_file,
+)
+from tests.support.external import start_process, stop_process
+from tests.test_concurrency import HEADERS, legacy_session
+from tests.test_conformance import REQUIREMENTS, run_suite
+
+ConnectorFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+def text_of(result: Any) -> str:
+    return "".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+def bastion(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BASTION, *args, "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+def add_connector(tmp_path: Path, name: str) -> str:
+    out = bastion(tmp_path, "connectors", "add", name)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mcpbc_"), out.stdout
+    return lines[0]
+
+
+def readyz(gw: RunningGateway) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{gw.base}/readyz", timeout=5).json()
+    return body
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll until ``predicate`` holds (a guard against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:g}s: {what}")
+
+
+def attached(gw: RunningGateway, connector: str, *servers: str) -> bool:
+    report = readyz(gw)
+    if connector not in report.get("connectors", {}):
+        return False
+    return all(report["servers"].get(s, {}).get("ready") for s in servers)
+
+
+@pytest.fixture
+def connector(tmp_path: Path) -> Iterator[ConnectorFactory]:
+    """Start ``mcp-bastion connect`` for a gateway with servers; stopped at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        gw: RunningGateway, token: str, servers: dict[str, Any], *extra: str
+    ) -> subprocess.Popen[bytes]:
+        n = len(procs)
+        config = tmp_path / f"connector-{n}.json"
+        config.write_text(json.dumps({"mcpServers": servers}))
+        argv = [*BASTION, "connect", gw.base, "--token", token, "--config", str(config), *extra]
+        proc = start_process(argv, log=tmp_path / f"connector-{n}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+def connector_log(tmp_path: Path, n: int) -> str:
+    return (tmp_path / f"connector-{n}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def tunnel(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> tuple[RunningGateway, subprocess.Popen[bytes]]:
+    """A gateway with one local server and a connector bringing notes and everything."""
+    gw = gateway("serve", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    token = add_connector(tmp_path, "laptop")
+    proc = connector(gw, token, {"notes": notes_entry(), "everything": everything_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes", "everything"), "the connector attached")
+    return gw, proc
+
+
+async def legacy_call(client: httpx.AsyncClient, url: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A handshake-era session with one tools/call; returns the JSON-RPC answer."""
+    init = await client.post(
+        url,
+        headers=HEADERS,
+        json={
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        },
+    )
+    h = {**HEADERS, "Mcp-Session-Id": init.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+    await client.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    resp = await client.post(
+        url,
+        headers={**h, "Accept": "application/json"},
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": args}},
+    )
+    answer: dict[str, Any] = resp.json()
+    return answer
+
+
+# ---- clients through the tunnel ------------------------------------------------------------------------
+
+
+async def test_sdk_client_both_eras(tunnel: tuple[RunningGateway, Any]) -> None:
+    gw, _ = tunnel
+    for mode, version in (("legacy", "2025-11-25"), ("auto", "2026-07-28")):
+        async with Client(f"{gw.base}/servers/notes/mcp", mode=mode) as client:
+            assert client.protocol_version == version
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"echo", "pid", "slow"} <= tools
+            assert (
+                text_of(await client.call_tool("echo", {"text": "through the tunnel"}))
+                == "through the tunnel"
+            )
+            assert (await client.read_resource("notes://all")).contents is not None
+        async with Client(f"{gw.base}/servers/everything/mcp", mode=mode) as client:
+            assert "simple text" in text_of(await client.call_tool("test_simple_text", {}))
+        async with Client(gw.url, mode=mode) as client:  # the aggregate: local and tunnelled side by side
+            tools = {t.name for t in (await client.list_tools()).tools}
+            assert {"local_echo", "notes_echo", "everything_test_simple_text"} <= tools
+            assert text_of(await client.call_tool("notes_echo", {"text": "agg"})) == "agg"
+            assert text_of(await client.call_tool("local_echo", {"text": "here"})) == "here"
+
+
+@pytest.mark.parametrize("requirements", REQUIREMENTS)
+def test_conformance_through_the_tunnel(
+    tunnel: tuple[RunningGateway, Any], tmp_path: Path, requirements: str
+) -> None:
+    gw, _ = tunnel
+    run_suite(f"{gw.base}/servers/everything/mcp", requirements, tmp_path / "results")
+
+
+async def test_fifty_concurrent_sessions_are_never_misrouted(tunnel: tuple[RunningGateway, Any]) -> None:
+    gw, _ = tunnel
+    url = f"{gw.base}/servers/notes/mcp"
+    # Idle pooled connections expire before the server's 5 s keep-alive does: no reuse-vs-close race.
+    limits = httpx.Limits(max_connections=100, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        results = await asyncio.gather(*(legacy_session(client, url, n) for n in range(50)))
+    assert sum(w for _, w in results) == 0
+    assert sum(ok for ok, _ in results) == 50 * 200
+
+
+# ---- drops, reconnects, children ---------------------------------------------------------------------------
+
+
+async def test_connector_killed_mid_call_then_back(
+    tunnel: tuple[RunningGateway, subprocess.Popen[bytes]], connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    gw, proc = tunnel
+    url = f"{gw.base}/servers/notes/mcp"
+    async with httpx.AsyncClient(timeout=120) as client:
+        call = asyncio.create_task(legacy_call(client, url, "slow", {"seconds": 60}))
+        await asyncio.sleep(1.0)  # let the call reach the notes server
+        assert not call.done()
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGKILL)
+        answer = await asyncio.wait_for(call, 30)
+        assert time.monotonic() - started < 30  # far below the call's own 60 s: it failed at once
+        assert answer["error"]["code"] == -31000
+        assert "connector 'laptop' is offline" in answer["error"]["message"]
+        # Offline: a new call fails at once too, and readiness says so.
+        answer = await legacy_call(client, url, "echo", {"text": "x"})
+        assert answer["error"]["code"] == -31000
+        assert "offline" in answer["error"]["message"]
+        report = readyz(gw)
+        assert report["servers"]["notes"]["ready"] is False
+        assert "laptop" not in report["connectors"]
+    # The same connector comes back (same token): its servers work again.
+    argv = [str(a) for a in cast(list[str], proc.args)]
+    token = argv[argv.index("--token") + 1]
+    connector(gw, token, {"notes": notes_entry(), "everything": everything_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes"), "the connector re-attached")
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await legacy_call(client, url, "echo", {"text": "back"})
+    assert answer["result"]["content"][0]["text"] == "back"
+
+
+async def test_children_kept_across_reconnects(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    """The gateway restarts (the link drops); the connector reconnects by itself, same children."""
+    config = servers_file(tmp_path, {"local": notes_entry()})
+    gw = gateway("serve", "--config", str(config))
+    token = add_connector(tmp_path, "laptop")
+    connector(gw, token, {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes"), "the connector attached")
+    pids: dict[str, str] = {}  # the connector runs one child per protocol era
+    for mode in ("legacy", "auto"):
+        async with Client(f"{gw.base}/servers/notes/mcp", mode=mode) as client:
+            pids[mode] = text_of(await client.call_tool("pid", {}))
+    stop_process(gw.proc)
+    argv = [
+        *BASTION,
+        "serve",
+        "--port",
+        str(gw.port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--config",
+        str(config),
+    ]
+    again = RunningGateway(
+        gw.port, start_process(argv, log=tmp_path / "gateway-again.log"), tmp_path / "gateway-again.log"
+    )
+    try:
+        wait_until(lambda: _safe(lambda: attached(again, "laptop", "notes")), "the connector reconnected")
+        for mode in ("legacy", "auto"):
+            async with Client(f"{again.base}/servers/notes/mcp", mode=mode) as client:
+                assert text_of(await client.call_tool("pid", {})) == pids[mode]
+        assert "link_lost" in connector_log(tmp_path, 0)
+    finally:
+        stop_process(again.proc)
+
+
+def _safe(check: Callable[[], bool]) -> bool:
+    try:
+        return check()
+    except httpx.HTTPError:
+        return False
+
+
+# ---- refusals ----------------------------------------------------------------------------------------
+
+
+def test_wrong_token_is_refused_and_nothing_exposed(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    gw = gateway("serve", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    add_connector(tmp_path, "laptop")
+    proc = connector(gw, "mcpbc_000000000000_" + "x" * 43, {"notes": notes_entry()})
+    assert proc.wait(timeout=60) == 1
+    assert "unknown or revoked connector token" in connector_log(tmp_path, 0)
+    assert readyz(gw)["connectors"] == {}
+    assert "notes" not in readyz(gw)["servers"]
+    assert httpx.post(f"{gw.base}/servers/notes/mcp", json={}).status_code == 404
+
+    async def raw(headers: dict[str, str]) -> int:
+        try:
+            async with ws_connect(
+                f"ws://127.0.0.1:{gw.port}/connect", additional_headers=headers, proxy=None
+            ):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    assert asyncio.run(raw({})) == 401
+    assert asyncio.run(raw({"Authorization": "Bearer nope"})) == 401
+    token = add_connector(tmp_path, "other")
+    assert asyncio.run(raw({"Authorization": f"Bearer {token}", "Origin": "https://evil.example"})) == 403
+    assert asyncio.run(upgrade_status(gw.port, "evil.example", token)) == 403  # DNS rebinding
+    assert asyncio.run(upgrade_status(gw.port, f"127.0.0.1:{gw.port}", token)) == 101
+
+
+async def upgrade_status(port: int, host: str, token: str) -> int:
+    """A hand-written WebSocket upgrade (a client library would not send a foreign Host)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"GET /connect HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    writer.close()
+    return status
+
+
+async def test_revoked_connector_is_cut_off(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    gw = gateway("serve", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    token = add_connector(tmp_path, "laptop")
+    proc = connector(gw, token, {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes"), "the connector attached")
+    listed = json.loads(bastion(tmp_path, "connectors", "list", "--json").stdout)
+    assert listed[0]["name"] == "laptop" and listed[0]["attached"] is True
+    assert listed[0]["servers"] == ["notes"] and listed[0]["from"].startswith("127.0.0.1:")
+    bastion(tmp_path, "connectors", "revoke", "laptop")
+    # The live link is closed by the gateway; the connector's reconnect is refused: it stops.
+    assert proc.wait(timeout=60) == 1
+    log = connector_log(tmp_path, 0)
+    assert "the connector was revoked" in log and "unknown or revoked connector token" in log
+    assert "laptop" not in readyz(gw)["connectors"]
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await legacy_call(client, f"{gw.base}/servers/notes/mcp", "echo", {"text": "x"})
+    assert answer["error"]["code"] == -31000
+    listed = json.loads(bastion(tmp_path, "connectors", "list", "--json").stdout)
+    assert listed[0]["attached"] is False and listed[0]["revoked_at"]
+
+
+def test_duplicate_server_names_are_refused(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    gw = gateway("serve", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    first = add_connector(tmp_path, "first")
+    second = add_connector(tmp_path, "second")
+    connector(gw, first, {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "first", "notes"), "the first connector attached")
+    connector(gw, second, {"notes": notes_entry(), "local": notes_entry(), "extra": notes_entry()})
+    wait_until(lambda: attached(gw, "second", "extra"), "the second connector attached")
+    log = connector_log(tmp_path, 1)
+    assert "server 'notes' is already offered by connector 'first'" in log
+    assert "the gateway already has a server named 'local' (configured locally)" in log
+    report = readyz(gw)
+    assert report["servers"]["notes"]["connector"] == "first"
+    assert report["connectors"]["second"]["servers"] == ["extra"]
+    assert "connector" not in report["servers"]["local"]
+
+
+# ---- flow control on a real socket ---------------------------------------------------------------------
+
+
+async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
+    """Stream A's body (8 MiB) is not read; stream B on the same link completes; then A does too."""
+    big = bytes(range(256)) * (32 * 1024)
+    serving: list[p.Mux] = []
+
+    async def answer(stream: TunnelStream) -> None:
+        assert stream.opened is not None
+        while await stream.read():
+            pass
+        body = big if stream.opened.path == "/big" else b"small"
+        await stream.respond(200, [("content-type", "application/octet-stream")])
+        await stream.write(body)
+        await stream.end()
+
+    async def handler(ws: ServerConnection) -> None:
+        mux = p.Mux("connector")
+        serving.append(mux)
+        link = Link(ClientWire(cast(ClientConnection, ws)), mux, on_open=answer)
+        running = asyncio.create_task(link.run())
+        await link.send_frames(mux.hello("test", ["x"]))
+        await running
+
+    async with serve(handler, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with ws_connect(
+            f"ws://127.0.0.1:{port}", max_size=p.MAX_MESSAGE, compression=None, proxy=None
+        ) as ws:
+            hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
+
+            def control(ev: p.Event) -> None:
+                if not hello.done():
+                    hello.set_result(ev)
+
+            link = Link(ClientWire(ws), p.Mux("gateway"), on_control=control)
+            running = asyncio.create_task(link.run())
+            await asyncio.wait_for(hello, 10)
+            await link.send_frames(link.mux.welcome(["x"], {}))
+            a = await link.open("GET", "/big", [])
+            await a.end()
+            await asyncio.wait_for(a.response, 10)
+            b = await link.open("GET", "/small", [])
+            await b.end()
+            await asyncio.wait_for(b.response, 10)
+            body = b""
+            while chunk := await asyncio.wait_for(b.read(), 10):
+                body += chunk
+            assert body == b"small"
+            # A's sender holds the rest of its 8 MiB back: only the credit went out.
+            assert serving[0].queued(a.id) >= len(big) - 2 * p.INITIAL_WINDOW
+            received = b""
+            while chunk := await asyncio.wait_for(a.read(), 10):
+                received += chunk
+            assert received == big
+            link.stop("done")
+            await running
+
+
+async def test_token_goes_only_to_the_configured_origin(connector: ConnectorFactory, tmp_path: Path) -> None:
+    """A gateway URL that redirects elsewhere: the connector does not follow; the other host sees nothing."""
+    reached: list[bytes] = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(await reader.read(4096))
+        writer.close()
+
+    other = await asyncio.start_server(elsewhere, "127.0.0.1", 0)
+    other_port = other.sockets[0].getsockname()[1]
+
+    async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        location = f"ws://127.0.0.1:{other_port}/connect"
+        writer.write(f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    front = await asyncio.start_server(redirector, "127.0.0.1", 0)
+    front_port = front.sockets[0].getsockname()[1]
+    async with other, front:
+        fake = RunningGateway(front_port, None, tmp_path / "none.log")
+        proc = connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": notes_entry()})
+        assert await asyncio.to_thread(proc.wait, 60) == 1
+    assert "redirect" in connector_log(tmp_path, 0) and "not followed" in connector_log(tmp_path, 0)
+    assert reached == []
+
+
+def test_plain_http_beyond_loopback_is_refused(tmp_path: Path) -> None:
+    config = servers_file(tmp_path, {"notes": notes_entry()})
+    out = subprocess.run(
+        [*BASTION, "connect", "http://gateway.example.com", "--token", "t", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "plain http would send the token in clear" in out.stderr
