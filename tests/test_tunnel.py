@@ -456,3 +456,41 @@ def test_plain_http_beyond_loopback_is_refused(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "plain http would send the token in clear" in out.stderr
+
+
+# ---- sign-in in front of a connector's servers ----------------------------------------------------------
+
+
+async def test_tunnel_servers_are_protected_like_local_ones(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    """With auth on, a connector's server gets its own resource, metadata and scope, as a local one does."""
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from tests.test_auth_resource import mint, signer
+
+    gw = gateway("serve", "--auth", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    proc = connector(gw, add_connector(tmp_path, "laptop"), {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes"), "the connector attached")
+    url = f"{gw.base}/servers/notes/mcp"
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(url, json={}, headers=HEADERS)
+        assert resp.status_code == 401
+        prm_url = f"{gw.base}/.well-known/oauth-protected-resource/servers/notes/mcp"
+        assert resp.headers["www-authenticate"] == f'Bearer resource_metadata="{prm_url}", scope="mcp:notes"'
+        prm = (await http.get(prm_url)).json()
+        assert prm["resource"] == url and prm["scopes_supported"] == ["mcp:notes"]
+        # The authorization server knows the new resource and its scope.
+        metadata = (await http.get(f"{gw.base}/.well-known/oauth-authorization-server")).json()
+        assert "mcp:notes" in metadata["scopes_supported"]
+    async with signer(tmp_path, gw) as ring:
+        own = mint(ring, gw, "/servers/notes/mcp", scope="mcp:notes")
+        other = mint(ring, gw, "/servers/local/mcp", scope="mcp:local")
+    async with httpx.AsyncClient() as http:
+        refused = await http.post(url, json={}, headers={**HEADERS, "Authorization": f"Bearer {other}"})
+        assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["www-authenticate"]
+    client_http = create_mcp_http_client(headers={"Authorization": f"Bearer {own}"})
+    async with client_http, Client(streamable_http_client(url, http_client=client_http)) as client:
+        assert text_of(await client.call_tool("echo", {"text": "through the tunnel"})) == "through the tunnel"
+    assert proc.poll() is None

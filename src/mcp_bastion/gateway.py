@@ -17,10 +17,11 @@ from .hub import Hub, ServerEntry
 from .transport.asgi import McpHttpApp
 from .transport.security import HostPolicy
 from .tunnel.protocol import MAX_MESSAGE
-from .tunnel.relay import Relay, protect_like_root
+from .tunnel.relay import Relay
 from .upstream.base import Channel, UpstreamUnavailable
 
 if TYPE_CHECKING:
+    from .auth.server import AuthorizationServer
     from .auth.store import Store
     from .auth.tokens import KeyRing
 
@@ -44,6 +45,7 @@ class Gateway:
         self.single = single
         self.store: Store | None = None
         self.keyring: KeyRing | None = None
+        self.authorization_server: AuthorizationServer | None = None
         self._rotator: asyncio.Task[None] | None = None
         self.sealer = StateSealer()
         self.hubs: dict[str, Hub] = {}
@@ -86,7 +88,9 @@ class Gateway:
         self._add_hub(base, [entry], aggregate=False)
         self.app.add_hub(base, self.hubs[base])
         if self.app.guard is not None:
-            protect_like_root(self.app.guard, config.name)
+            added = self.app.guard.add_server(config.name)
+            if self.authorization_server is not None:
+                self.authorization_server.add_resources(added)
         return entry
 
     def _add_hub(self, base: str, entries: list[ServerEntry], *, aggregate: bool) -> None:
@@ -196,6 +200,7 @@ class Gateway:
         single = next(iter(self.entries)) if self.single and self.entries else None
         guard = ResourceGuard(settings, keyring, store, servers=list(self.entries), single=single)
         auth_app = build_auth_app(settings, store, keyring, guard.resources())
+        self.authorization_server = auth_app.state.authorization_server
         self.app.enable_auth(guard, auth_app)
         self._rotator = asyncio.create_task(self._rotate_keys(keyring))
         auth_log.info(

@@ -164,6 +164,14 @@ class ResourceGuard:
                 self.paths[f"{base}/messages"] = protected
                 self.paths[f"{base}/messages/"] = protected
 
+    def add_server(self, name: str) -> dict[str, frozenset[str]]:
+        """Protect a server that joined while the gateway runs, exactly as a configured one; returns
+        its resources for the authorization server."""
+        scope = f"mcp:{name}"
+        self._add(f"/servers/{name}", name, scope, frozenset({"mcp", scope}), f"the MCP server {name!r}")
+        prefix = f"{self.issuer}/servers/{name}/"
+        return {uri: accepted for uri, accepted in self.resources().items() if uri.startswith(prefix)}
+
     # ------------------------------------------------------------------ metadata
     def resources(self) -> dict[str, frozenset[str]]:
         """Every endpoint's canonical resource URI and the scopes that suffice there, for the

@@ -428,6 +428,14 @@ class AuthorizationServer:
             out[canon] = _Resource(uri, accepted)
         return out
 
+    def add_resources(self, resources: Mapping[str, Iterable[str]]) -> None:
+        """Resources of a server that joined while the gateway runs (a connector's)."""
+        for canon, resource in self._resources(resources).items():
+            self.resources.setdefault(canon, resource)
+        self.servers = sorted(
+            {s[4:] for r in self.resources.values() if r.accepted for s in r.accepted if s.startswith("mcp:")}
+        )
+
     def resource(self, value: str) -> _Resource | None:
         """The resource a client's ``resource`` parameter names, compared canonically (RFC 8707)."""
         canon = canonical_resource(value)
@@ -1448,6 +1456,7 @@ def build_auth_app(
         routes.append(Route("/register", register, methods=["POST"]))
     app = Starlette(routes=routes)
     app.add_middleware(_SecurityHeaders)
+    app.state.authorization_server = srv  # servers that join at run time add their resources here
     return app
 
 

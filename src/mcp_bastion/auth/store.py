@@ -853,27 +853,7 @@ class Store:
         """Revoke the key with that id, else the active key with that name; False if there is none.
 
         Revoking an already revoked key is a success (nothing changes)."""
-        now = _now()
-        async with self.engine.begin() as conn:
-            res = await conn.execute(
-                update(api_keys)
-                .where(api_keys.c.key_id == name_or_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
-            if res.rowcount == 0:
-                res = await conn.execute(
-                    update(api_keys)
-                    .where(api_keys.c.name == name_or_id, api_keys.c.revoked_at.is_(None))
-                    .values(revoked_at=now)
-                )
-            if res.rowcount > 0:
-                return True
-            found = await conn.execute(
-                select(api_keys.c.key_id)
-                .where(or_(api_keys.c.key_id == name_or_id, api_keys.c.name == name_or_id))
-                .limit(1)
-            )
-            return found.first() is not None
+        return await self._revoke(api_keys, api_keys.c.key_id, name_or_id)
 
     # ---- authorization codes ----------------------------------------------------------------------
 
@@ -1407,25 +1387,25 @@ class Store:
         """Revoke the connector with that id, else the active one with that name; False if there is none.
 
         Revoking an already revoked connector is a success (nothing changes)."""
+        return await self._revoke(connectors, connectors.c.id, name_or_id)
+
+    async def _revoke(self, table: Table, id_column: Column[str], name_or_id: str) -> bool:
+        """Revoke the row with that id, else the active row with that name (API keys, connectors);
+        True also when it was revoked before, False when there is no such row."""
         now = _now()
         async with self.engine.begin() as conn:
+            active = table.c.revoked_at.is_(None)
             res = await conn.execute(
-                update(connectors)
-                .where(connectors.c.id == name_or_id, connectors.c.revoked_at.is_(None))
-                .values(revoked_at=now)
+                update(table).where(id_column == name_or_id, active).values(revoked_at=now)
             )
             if res.rowcount == 0:
                 res = await conn.execute(
-                    update(connectors)
-                    .where(connectors.c.name == name_or_id, connectors.c.revoked_at.is_(None))
-                    .values(revoked_at=now)
+                    update(table).where(table.c.name == name_or_id, active).values(revoked_at=now)
                 )
             if res.rowcount > 0:
                 return True
             found = await conn.execute(
-                select(connectors.c.id)
-                .where(or_(connectors.c.id == name_or_id, connectors.c.name == name_or_id))
-                .limit(1)
+                select(id_column).where(or_(id_column == name_or_id, table.c.name == name_or_id)).limit(1)
             )
             return found.first() is not None
 

@@ -26,7 +26,6 @@ from . import protocol as p
 from .link import AsgiWire, Link, StreamReset, TunnelStream
 
 if TYPE_CHECKING:
-    from ..auth.resource import ResourceGuard
     from ..auth.store import Store
     from ..gateway import Gateway
 
@@ -187,15 +186,6 @@ def _address(scope: Scope) -> str:
 
 def _iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def protect_like_root(guard: ResourceGuard, server: str) -> None:
-    """With auth on, a connector's server is protected as the aggregate ``/mcp`` is (same audiences and
-    scope, limited to that server for server-scoped API keys): the guard was built before it existed."""
-    for leaf in ("mcp", "sse", "messages", "messages/"):
-        root = guard.paths.get(f"/{leaf}")
-        if root is not None:
-            guard.paths[f"/servers/{server}/{leaf}"] = dataclasses.replace(root, server=server)
 
 
 class Relay:
