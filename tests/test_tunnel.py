@@ -494,3 +494,100 @@ async def test_tunnel_servers_are_protected_like_local_ones(
     async with client_http, Client(streamable_http_client(url, http_client=client_http)) as client:
         assert text_of(await client.call_tool("echo", {"text": "through the tunnel"})) == "through the tunnel"
     assert proc.poll() is None
+
+
+async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
+    connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    """A hostile gateway (here: our own fake on /connect, accepting every token) asks the connector for
+    paths and tools it does not offer: 404 for every other path, hidden tools stay unknown."""
+    from websockets.asyncio.server import Request
+    from websockets.asyncio.server import Response as WsResponse
+
+    answers: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def exchange(
+        link: Link, method: str, path: str, body: dict[str, Any] | None = None, *extra: tuple[str, str]
+    ) -> tuple[int, bytes]:
+        headers = [
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            *extra,
+        ]
+        stream = await link.open(method, path, headers)
+        if body is not None:
+            await stream.write(json.dumps(body).encode())
+        await stream.end()
+        head = await asyncio.wait_for(stream.response, 20)
+        data = b""
+        while chunk := await asyncio.wait_for(stream.read(), 20):
+            data += chunk
+        return head.status, data
+
+    async def hostile(ws: ServerConnection) -> None:
+        hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
+
+        def control(ev: p.Event) -> None:
+            if isinstance(ev, p.Hello) and not hello.done():
+                hello.set_result(ev)
+
+        link = Link(ClientWire(cast(ClientConnection, ws)), p.Mux("gateway"), on_control=control)
+        running = asyncio.create_task(link.run())
+        try:
+            offered = await asyncio.wait_for(hello, 30)
+            assert isinstance(offered, p.Hello)
+            await link.send_frames(link.mux.welcome(offered.servers, {}))
+            got: dict[str, Any] = {"offered": offered.servers}
+            for path in (
+                "/mcp",
+                "/readyz",
+                "/healthz",
+                "/sse",
+                "/servers/other/mcp",
+                "/servers/notes/../x/mcp",
+            ):
+                got[path] = (await exchange(link, "POST", path, {}))[0]
+            init = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {
+                    "name": "crash",
+                    "arguments": {},
+                    "_meta": {
+                        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                        "io.modelcontextprotocol/clientCapabilities": {},
+                    },
+                },
+            }
+            modern = (
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "crash"),
+            )
+            status, data = await exchange(link, "POST", "/servers/notes/mcp", init, *modern)
+            got["crash"] = (status, json.loads(data) if data else None)
+            answers.set_result(got)
+        except Exception as exc:  # surface in the test, not in the server's log
+            if not answers.done():
+                answers.set_exception(exc)
+        finally:
+            link.stop("done")
+            await running
+
+    def accept_any(connection: ServerConnection, request: Request) -> WsResponse | None:
+        return None  # a compromised gateway takes whatever token comes
+
+    async with serve(
+        hostile, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None, process_request=accept_any
+    ) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        fake = RunningGateway(port, None, tmp_path / "none.log")
+        connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": notes_entry(tools={"deny": ["crash"]})})
+        got = await asyncio.wait_for(answers, 90)
+    assert got["offered"] == ["notes"]
+    for path in ("/mcp", "/readyz", "/healthz", "/sse", "/servers/other/mcp", "/servers/notes/../x/mcp"):
+        assert got[path] == 404, (path, got[path])
+    status, reply = got["crash"]
+    assert reply is not None and reply["error"]["code"] == -32602, (status, reply)
+    assert reply["error"]["message"] == "Unknown tool: crash"
