@@ -26,6 +26,9 @@ BASELINE = "direct-sse"
 BASELINE_JSON = "direct-json"
 CEILING = "asgi-ceiling"
 TARGET_C = 50
+TUNNEL = "bastion-tunnel/"  # compared with the direct gateway path, bastion-single/<same upstream>
+TUNNEL_MAX_ADDED_P50_MS = 1.0  # issue 5: at most 1 ms added per call (p50, loopback)
+TUNNEL_MIN_THROUGHPUT = 0.8  # issue 5: at least 80 % of the direct path's throughput at C=50
 
 
 def load(path: Path) -> list[Row]:
@@ -373,8 +376,8 @@ def targets(res: Results) -> list[str]:
         return []
     lines = []
     for s in res.subjects:
-        if not s.startswith("bastion-"):
-            continue
+        if not s.startswith("bastion-") or s.startswith(TUNNEL):
+            continue  # the tunnel has targets of its own, against the direct gateway path
         up = res.upstream.get(s)
         key = (s, era, small, TARGET_C)
         mine = median(res.values(key, thr))
@@ -428,6 +431,66 @@ def targets(res: Results) -> list[str]:
     return lines
 
 
+def direct_path(subject: str) -> str:
+    """The gateway path a tunnel subject is compared with: the same URL, the server run locally."""
+    return "bastion-single/" + subject.split("/", 1)[1]
+
+
+def tunnel_section(res: Results) -> list[str]:
+    """What the tunnel adds over the direct gateway path, measured in the same round and cell."""
+    small = res.payloads[0] if res.payloads else 32
+    if not res.concurrency:
+        return []
+    # Latency alone (the lowest C, 1 in a full run) and under load (C=50, or the highest C run).
+    top = TARGET_C if TARGET_C in res.concurrency else res.concurrency[-1]
+    levels = sorted({res.concurrency[0], top})
+    rows, checks = [], []
+    for s in res.subjects:
+        if not s.startswith(TUNNEL):
+            continue
+        base = direct_path(s)
+        for era in res.eras:
+            cells = []
+            for c in levels:
+                key = (s, era, small, c)
+                delta = res.deltas(key, base, lat("p50"))
+                cells.append(med_range(res.values(key, lat("p50")), 3))
+                cells.append(med_range(res.values((base, era, small, c), lat("p50")), 3))
+                cells.append(f"{statistics.median(delta):+.3f}" if delta else "–")
+            key = (s, era, small, top)
+            ratio = res.ratios(key, base, thr)
+            cells.append(med_range(res.values(key, thr)))
+            cells.append(ratio_text(ratio) or "–")
+            if any(c != "–" for c in cells):
+                rows.append([f"`{s}`", era, *cells])
+            parts = []
+            added = res.deltas((s, era, small, 1), base, lat("p50"))
+            if added:
+                d = statistics.median(added)
+                ok = d <= TUNNEL_MAX_ADDED_P50_MS
+                parts.append(f"C=1 p50 {d:+.3f} ms (need ≤ +{TUNNEL_MAX_ADDED_P50_MS:g}) {tick(ok)}")
+            if ratio and top == TARGET_C:
+                r = statistics.median(ratio)
+                ok = r >= TUNNEL_MIN_THROUGHPUT
+                parts.append(
+                    f"C={TARGET_C} throughput ×{r:.2f} (need ≥ ×{TUNNEL_MIN_THROUGHPUT:g}) {tick(ok)}"
+                )
+            if parts:
+                checks.append(f"- `{s}` vs `{base}`, {era} era: " + "; ".join(parts))
+    if not rows:
+        return []
+    header = ["subject", "era"]
+    for c in levels:
+        header += [f"p50 C={c}", "direct path", "Δ"]
+    header += [f"calls/s C={top}", "× direct path"]
+    intro = (
+        f"Latency p50 in ms ({payload_name(small)} payload) and throughput of `{TUNNEL}U` against the "
+        "direct gateway path `bastion-single/U` (same URL, same upstream, the server run by the gateway "
+        "itself); Δ and × are per-round differences and ratios, median [min–max].\n"
+    )
+    return [intro, table(header, rows) + "\n", *checks, ""]
+
+
 def tick(ok: bool) -> str:
     return "✅" if ok else "❌"
 
@@ -452,6 +515,9 @@ def markdown(res: Results) -> str:
     tgt = targets(res)
     if tgt:
         parts += ["## Targets (issue 3)\n", *tgt, ""]
+    tunnel = tunnel_section(res)
+    if tunnel:
+        parts += ["## The tunnel path (issue 5)\n", *tunnel]
     parts += ["## Throughput (verified calls/s)\n", *throughput_tables(res)]
     parts += ["## Latency\n", *latency_tables(res)]
     parts += ["## CPU, memory and session set-up under load\n", *cost_table(res)]
@@ -483,6 +549,7 @@ _BRIDGE_COLORS = {
     "bastion-expose": "tab:red",
     "bastion-agg": "tab:orange",
     "bastion-single": "tab:brown",
+    "bastion-tunnel": "tab:pink",
     "mcp-proxy-py": "tab:blue",
     "fastmcp": "tab:purple",
     "supergateway": "tab:green",

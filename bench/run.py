@@ -174,7 +174,12 @@ class Bench:
             self.rec.write({**base, "status": "skipped", "error": missing})
             log(f"{subject.name}: skipped ({missing})")
             return None
-        running = Running(subject, self.work / f"round{rnd}", SUBJECT_CPU if self.pin else None)
+        try:  # building the launch may already fail (the tunnel subject makes its connector token)
+            running = Running(subject, self.work / f"round{rnd}", SUBJECT_CPU if self.pin else None)
+        except SubjectError as exc:
+            self.rec.write({**base, "status": "failed", "error": str(exc)[:2000]})
+            log(f"{subject.name}: failed to prepare: {str(exc)[:300]}")
+            return None
         try:
             running.start()
         except SubjectError as exc:

@@ -12,6 +12,9 @@ Subjects:
   * ``bastion-expose/U``: ``mcp-bastion expose --port P -- CMD``;
   * ``bastion-agg/U`` / ``bastion-single/U``: ``mcp-bastion serve --config FILE --port P``,
     aggregated endpoint ``/mcp`` (tool ``echo_echo``) and single-server path ``/servers/echo/mcp``;
+  * ``bastion-tunnel/U``: the same path ``/servers/echo/mcp`` on a gateway that runs no server itself:
+    ``mcp-bastion connect`` (on loopback) brings ``echo`` through the tunnel; compared with
+    ``bastion-single/U`` it shows what the tunnel adds;
   * peers, installed by ``bench/setup_peers.sh`` under ``bench/.peers/``: ``mcp-proxy-py/U``
     (sparfenyuk), ``fastmcp/U``, ``supergateway/U``, ``mcp-proxy-js/U`` (punkpeye);
 
@@ -131,6 +134,55 @@ def _bastion_serve(kind: str, path: str) -> Callable[[int, Path], Launch]:
     return build
 
 
+TUNNEL_CONNECTOR = "bench"
+
+
+def _bastion_tunnel(kind: str) -> Callable[[int, Path], Launch]:
+    """Gateway and connector as one subject: ``sh`` starts the connector, then becomes the gateway.
+
+    So the connector (and the upstream it runs) is a child of the gateway's process: the whole tree
+    is measured, pinned and stopped as one, like ``bastion-single`` with its upstream. The connector
+    token is made here, in a data directory of this start's own (``connectors add`` prints it).
+    """
+
+    def build(port: int, work: Path) -> Launch:
+        data = work / f"tunnel-{port}"
+        gateway_cfg = work / f"tunnel-gateway-{port}.json"
+        connector_cfg = work / f"tunnel-connector-{port}.json"
+        work.mkdir(parents=True, exist_ok=True)
+        made = subprocess.run(
+            [*bastion_command(), "connectors", "add", TUNNEL_CONNECTOR, "--data-dir", str(data)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        token = made.stdout.decode().strip()
+        if made.returncode != 0 or not token or "\n" in token:
+            raise SubjectError(f"connectors add failed ({made.returncode}): {made.stderr.decode()[-400:]}")
+        serve = [
+            *bastion_command(),
+            "serve",
+            "--config",
+            str(gateway_cfg),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data),
+        ]
+        connect = [*bastion_command(), "connect", f"http://127.0.0.1:{port}", "--config", str(connector_cfg)]
+        return Launch(
+            ["sh", "-c", f"{shlex.join(connect)} & exec {shlex.join(serve)}"],
+            path="/servers/echo/mcp",
+            files={
+                gateway_cfg.name: json.dumps({"mcpServers": {}}),
+                connector_cfg.name: json.dumps(servers_config(kind), indent=2),
+            },
+            env={"MCP_BASTION_CONNECTOR_TOKEN": token},  # not on a command line
+        )
+
+    return build
+
+
 def _mcp_proxy_py(kind: str) -> Callable[[int, Path], Launch]:
     def build(port: int, work: Path) -> Launch:
         exe = PEERS / "mcp-proxy-py" / "bin" / "mcp-proxy"
@@ -215,6 +267,13 @@ def catalog() -> list[Subject]:
                 kind,
                 _bastion_serve(kind, "/servers/echo/mcp"),
                 note="mcp-bastion serve, /servers/echo/mcp",
+            ),
+            Subject(
+                f"bastion-tunnel/{kind}",
+                "bastion",
+                kind,
+                _bastion_tunnel(kind),
+                note="mcp-bastion via tunnel: serve + connect on loopback, /servers/echo/mcp",
             ),
             Subject(
                 f"mcp-proxy-py/{kind}",

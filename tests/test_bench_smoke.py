@@ -2,9 +2,10 @@
 
 A few verified calls per subject that needs no extra install (the SDK's own HTTP server in SSE and
 JSON mode, the no-hop ceilings, mcp-bastion's single-server and aggregated paths in front of both
-upstreams), in both protocol eras, plus a tiny set-up storm and idle-session test; the two stdio
-upstreams on their own; and the load generator's misrouting detector against a server that
-misroutes on purpose. The peers (``bench/setup_peers.sh``) and the full run are not part of it.
+upstreams, and the tunnel path: gateway plus connector), in both protocol eras, plus a tiny set-up
+storm and idle-session test; the two stdio upstreams on their own; and the load generator's
+misrouting detector against a server that misroutes on purpose. The peers
+(``bench/setup_peers.sh``) and the full run are not part of it.
 
 Needs the bench's ``psutil`` and ``matplotlib`` (``bench/requirements.txt``): missing, they fail the run.
 """
@@ -103,6 +104,30 @@ def test_bench_report(tmp_path: Path) -> None:
     text = (out / "results.md").read_text(encoding="utf-8")
     assert "`asgi-ceiling`" in text and "`direct-json`" in text
     assert (out / "throughput_handshake.png").exists()
+
+
+@pytest.mark.parametrize("upstream", ["sdk", "raw"])
+def test_bench_tunnel_subject(tmp_path: Path, upstream: str) -> None:
+    """``bastion-tunnel/U`` (serve + connect on loopback) and the report's comparison with the direct path."""
+    out = tmp_path / "out"
+    tunnel, direct = f"bastion-tunnel/{upstream}", f"bastion-single/{upstream}"
+    rows = run_bench(out, tunnel, direct)
+    check_subject(rows, tunnel)
+    check_subject(rows, direct)
+    start = next(r for r in rows if r["subject"] == tunnel and r["scenario"] == "start")
+    assert "connect" in start["argv"][-1]  # the connector runs in the subject's own process tree
+    assert len(start["idle_tree"]) >= 3  # gateway, connector, upstream
+    subprocess.run(
+        [sys.executable, "-m", "bench.report", str(out), "--no-plots"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    text = (out / "results.md").read_text(encoding="utf-8")
+    section = text.split("## The tunnel path (issue 5)", 1)[1].split("\n## ", 1)[0]
+    for era in ("handshake", "modern"):
+        assert f"| `{tunnel}` | {era} |" in section, section
 
 
 def stdio_exchange(script: str, messages: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
