@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__, admin
+from . import __version__
 from .config import (
     ConfigError,
     GatewaySettings,
@@ -29,11 +29,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# The long-running commands never need the admin commands' database libraries (SQLAlchemy alone adds
+# ~10 MB to every gateway and connector process): those are loaded only for any other command line.
+RUNNERS = ("expose", "serve", "connect")
 
-app.add_typer(admin.clients_app, name="clients")
-app.add_typer(admin.users_app, name="users")
-app.add_typer(admin.keys_app, name="keys")
-app.add_typer(admin.connectors_app, name="connectors")
+
+def _add_admin_commands() -> None:
+    from . import admin
+
+    app.add_typer(admin.clients_app, name="clients")
+    app.add_typer(admin.users_app, name="users")
+    app.add_typer(admin.keys_app, name="keys")
+    app.add_typer(admin.connectors_app, name="connectors")
 
 
 def _version(value: bool) -> None:
@@ -368,6 +375,9 @@ def main() -> None:
         head, tail = argv[:idx], argv[idx + 1 :]
         sys.argv = [sys.argv[0], *head, "--", *tail]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command not in RUNNERS:
+        _add_admin_commands()
     app()
 
 

@@ -260,6 +260,8 @@ class Gateway:
             http="httptools",
             timeout_graceful_shutdown=5,
             ws_max_size=MAX_MESSAGE,  # tunnel frames are bounded; so are the messages carrying them
+            # WebSocket only where connectors attach (serve); expose then never loads a WebSocket library.
+            ws="auto" if self.relay is not None else "none",
         )
         server = uvicorn.Server(config)
         loop = asyncio.get_running_loop()
