@@ -591,3 +591,87 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
     status, reply = got["crash"]
     assert reply is not None and reply["error"]["code"] == -32602, (status, reply)
     assert reply["error"]["message"] == "Unknown tool: crash"
+
+
+async def test_tls_is_verified_against_the_given_ca(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """Behind a TLS-terminating proxy (a CA of the test's own): with --ca-bundle the connector attaches
+    over wss://; without it the certificate is refused and nothing is offered."""
+    import ssl
+
+    from tests.support.external import free_port
+    from tests.support.tls_server import LocalCA
+
+    ca = LocalCA(tmp_path / "ca")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(ca.issue("localhost")))
+    proxy_port = free_port()
+    gw = gateway(
+        "serve",
+        "--no-auth",
+        "--public-url",
+        f"https://localhost:{proxy_port}",
+        "--config",
+        str(servers_file(tmp_path, {"local": notes_entry()})),
+    )
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def terminate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    proxy = await asyncio.start_server(terminate, "127.0.0.1", proxy_port, ssl=server_ctx)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def connect(name: str, server: str, *extra: str) -> subprocess.Popen[bytes]:
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"mcpServers": {server: notes_entry()}}))
+        token = add_connector(tmp_path, name)
+        argv = [
+            *BASTION,
+            "connect",
+            f"https://localhost:{proxy_port}",
+            "--token",
+            token,
+            "--config",
+            str(config),
+        ]
+        proc = start_process([*argv, *extra], log=tmp_path / f"{name}.log", env=env)
+        procs.append(proc)
+        return proc
+
+    async with proxy:
+        try:
+            untrusted = connect("untrusted", "a")
+            connect("trusted", "b", "--ca-bundle", str(ca.pem_path))
+            await asyncio.to_thread(
+                wait_until, lambda: attached(gw, "trusted", "b"), "the trusted connector attached"
+            )
+            async with Client(f"{gw.base}/servers/b/mcp") as client:
+                assert text_of(await client.call_tool("echo", {"text": "over wss"})) == "over wss"
+            # The other one does not trust the proxy's certificate: it never attaches and says why.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: (
+                    "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "untrusted.log").read_text(errors="replace")
+                ),
+                "the untrusted connector reported the certificate",
+            )
+            assert "untrusted" not in readyz(gw).get("connectors", {})
+            assert untrusted.poll() is None or untrusted.returncode != 0
+        finally:
+            for proc in procs:
+                stop_process(proc)
