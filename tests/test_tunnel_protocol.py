@@ -518,3 +518,48 @@ class TwoEnds(RuleBasedStateMachine):
 
 TwoEnds.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 test_two_ends = TwoEnds.TestCase
+
+
+# ---- batches and the announced heartbeat ----------------------------------------------------------------
+
+
+def test_batches_carry_frames_in_order_and_bad_batches_are_refused() -> None:
+    gw, conn = pair()
+    sid, frames = gw.open_stream(*HEAD)
+    frames += gw.send_data(sid, b"x" * (p.MAX_FRAME + 10))  # two DATA frames
+    frames += gw.end(sid)
+    assert p.pack(frames[:1]) == frames[:1]  # a lone frame goes out as it is
+    messages = p.pack(frames)
+    assert len(messages) == 1 and messages[0][0] == T.BATCH and len(messages[0]) <= p.MAX_MESSAGE
+    events = deliver(messages, conn)
+    assert [type(e) for e in events] == [p.Opened, p.Data, p.Data, p.Ended]
+    assert sum(len(e.data) for e in events if isinstance(e, p.Data)) == p.MAX_FRAME + 10
+    # More than a message holds: several batches, every frame once, in order.
+    many = [p.encode(T.DATA, 1, b"y" * p.MAX_FRAME) for _ in range(5)]
+    packed = p.pack(many)
+    assert len(packed) > 1 and all(len(m) <= p.MAX_MESSAGE for m in packed)
+    frames_out = [f for m in map(p.decode, packed) for f in (p.unbatch(m) if m.type is T.BATCH else [m])]
+    assert frames_out == [p.decode(f) for f in many]
+    batch = p.pack([p.encode(T.PING, 0, b"12345678")] * 2)[0]
+    for raw, message in (
+        (p.encode(T.BATCH, 0, b""), "empty BATCH"),
+        (p.encode(T.BATCH, 0, b"\x00\x00"), "cut short"),
+        (p.encode(T.BATCH, 0, b"\x00\x00\x00\x09\x09"), "longer than"),
+        (p.encode(T.BATCH, 0, struct.pack("!I", len(batch)) + batch), "BATCH inside BATCH"),
+        (p.encode(T.BATCH, 0, struct.pack("!I", 1) + b"\x09"), "shorter than"),
+    ):
+        _, c2 = pair()
+        with pytest.raises(p.ProtocolError, match=message):
+            c2.receive(raw, 0)
+
+
+def test_the_gateway_adopts_the_connectors_heartbeat_within_bounds() -> None:
+    for announced, adopted in ((3.0, 3.0), (0.1, 1.0), (600, 60.0)):
+        gw, conn = p.Mux("gateway"), p.Mux("connector", heartbeat_seconds=announced)
+        (hello,) = deliver(conn.hello("laptop", ["notes"]), gw)
+        assert isinstance(hello, p.Hello) and hello.heartbeat == adopted
+        assert gw.heartbeat_seconds == adopted
+        assert gw.dead(3 * adopted + 0.5) and not gw.dead(3 * adopted - 0.5)
+    gw = p.Mux("gateway")
+    with pytest.raises(p.ProtocolError, match="heartbeat"):
+        gw.receive(p.encode(T.HELLO, 0, orjson.dumps({"v": 1, "servers": [], "heartbeat": "fast"})), 0)

@@ -289,9 +289,8 @@ class Connector:
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
                 await stream.respond(int(message["status"]), headers)
             elif message["type"] == "http.response.body":
-                await stream.write(bytes(message.get("body", b"")))
-                if not message.get("more_body", False):
-                    await stream.end()
+                # The last body bytes and END leave together (with the head, queued just before).
+                await stream.write(bytes(message.get("body", b"")), end=not message.get("more_body", False))
 
         await self.gateway.app(scope, receive, send)
         if stream.error is None and not stream.gone.is_set():

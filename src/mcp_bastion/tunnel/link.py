@@ -188,17 +188,33 @@ class TunnelStream:
             self._readable = asyncio.get_running_loop().create_future()
             await self._readable
 
-    async def write(self, data: bytes) -> None:
-        """Send body bytes; returns once they are sent or in flight within the peer's credit."""
+    async def write(self, data: bytes, *, end: bool = False) -> None:
+        """Send body bytes; returns once they are sent or in flight within the peer's credit.
+
+        ``end=True``: the last bytes; END follows them (in the same message when the credit allows)."""
         if self._error is not None:
             raise StreamReset(self._error)
         if not data:
+            if end:
+                await self.end()
             return
         try:
             frames = self.link.mux.send_data(self.id, data)
+            if end and self.link.mux.queued(self.id) == 0:
+                frames += self.link.mux.end(self.id)
+                self.link.forget(self.id)
+                self.gone.set()
+                end = False
         except p.StreamClosed as exc:
             raise StreamReset(self._error or str(exc)) from None
         await self.link.send_frames(frames)
+        if end:
+            await self._drained()
+            await self.end()
+            return
+        await self._drained()
+
+    async def _drained(self) -> None:
         while self.link.mux.queued(self.id) > 0:
             if self._error is not None:
                 raise StreamReset(self._error)
@@ -225,7 +241,9 @@ class TunnelStream:
             frames = self.link.mux.respond(self.id, status, headers)
         except p.StreamClosed as exc:
             raise StreamReset(self._error or str(exc)) from None
-        await self.link.send_frames(frames)
+        # Queued, not sent: the body (usually right behind) joins it in one message; if none comes
+        # within this turn of the loop, the head goes out on its own.
+        self.link.kick(frames)
 
     def reset(self, reason: str) -> None:
         """Abort the stream (no await: usable from cleanup paths and cancellation)."""
@@ -263,7 +281,9 @@ class Link:
         self.reason = ""
         self._lock = asyncio.Lock()
         self._kicker: asyncio.Future[None] | None = None
-        self._deferred: list[bytes] = []
+        self._kick_due = False
+        self._queue: list[bytes] = []  # frames taken from the mux, not yet handed to the wire
+        self._failed: str | None = None  # the wire failed under a send: every later send fails too
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -271,46 +291,78 @@ class Link:
     async def send_frames(self, frames: list[bytes]) -> None:
         """Send frames just taken from the multiplexer, in order (ConnectionError once the wire is gone).
 
-        Callers take frames and call this with no await in between, and the lock is FIFO: frames leave
-        in the order the multiplexer produced them, whichever task sends them."""
-        if not frames:
+        Callers take frames and call this with no await in between: they join the link's outgoing
+        queue in the order the multiplexer produced them. Whoever holds the (FIFO) lock sends all that
+        is queued, packed into as few messages as the limit allows (BATCH frames), so frames that many
+        streams produce meanwhile leave together; a caller whose frames someone else sent returns once
+        they are on the wire."""
+        self._queue.extend(frames)
+        if not self._queue and self._failed is None:
             return
         async with self._lock:
-            for frame in frames:
-                await self.wire.send(frame)
+            if self._failed is not None:
+                raise ConnectionError(self._failed)
+            if not self._queue:
+                return
+            batch, self._queue = self._queue, []
+            try:
+                for message in p.pack(batch):
+                    await self.wire.send(message)
+            except ConnectionError as exc:
+                self._failed = str(exc) or "the link is closed"
+                raise
 
     async def flush(self) -> None:
         await self.send_frames(self.mux.pending_frames())
 
     def kick(self, frames: list[bytes]) -> None:
-        """Send frames soon, from code that cannot await (cancellation, cleanup)."""
+        """Send frames soon, from code that cannot await (cancellation, cleanup, a response head that
+        its body will most likely join within this turn of the loop)."""
         if self.closed.is_set() or not frames:
             return
-        self._deferred.extend(frames)
-        if self._kicker is None or self._kicker.done():
+        self._queue.extend(frames)
+        if not self._kick_due:
+            self._kick_due = True
+            asyncio.get_running_loop().call_soon(self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kick_due = False
+        if self._queue and not self.closed.is_set() and (self._kicker is None or self._kicker.done()):
             self._kicker = asyncio.ensure_future(self._send_deferred())
 
     async def _send_deferred(self) -> None:
-        frames, self._deferred = self._deferred, []
         with contextlib.suppress(ConnectionError, OSError):
-            await self.send_frames(frames)
+            await self.send_frames([])
 
     def forget(self, sid: int) -> None:
         if sid not in self.mux.streams:
             self.streams.pop(sid, None)
 
-    async def open(self, method: str, path: str, headers: list[tuple[str, str]]) -> TunnelStream:
-        """Gateway: open a stream for one request head."""
+    async def open(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None
+    ) -> TunnelStream:
+        """Gateway: open a stream for one request head; with ``body``, also send it and END, in one go
+        (as far as the initial credit allows; the rest is sent by :meth:`TunnelStream.write`)."""
         if self.closed.is_set():
             raise StreamReset(self.reason or "the link is closed")
         sid, frames = self.mux.open_stream(method, path, headers)
         stream = TunnelStream(self, sid)
         self.streams[sid] = stream
+        if body is not None and len(body) <= self.mux.send_credit(sid):
+            if body:
+                frames += self.mux.send_data(sid, body)
+            frames += self.mux.end(sid)
+            self.forget(sid)
+            stream.gone.set()
+            body = None
         try:
             await self.send_frames(frames)
         except ConnectionError as exc:
             stream._fail(str(exc))
             raise StreamReset(str(exc)) from None
+        if body is not None:
+            await stream.write(body)
+            await stream.end()
         return stream
 
     # ---- running -------------------------------------------------------------------------------------
@@ -427,8 +479,8 @@ class Link:
             stream.reset("internal error")
 
     async def _heartbeat(self) -> str:
-        interval = self.mux.heartbeat_seconds
         while True:
+            interval = self.mux.heartbeat_seconds  # the gateway's may change once HELLO arrives
             await asyncio.sleep(min(interval / 4, 1.0))
             now = self.clock()
             if self.mux.dead(now):

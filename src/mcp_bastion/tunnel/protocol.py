@@ -23,6 +23,7 @@ MAX_MESSAGE = 128 * 1024  # WebSocket message limit on both ends (a frame plus r
 INITIAL_WINDOW = 256 * 1024  # credit per stream per direction
 MAX_WINDOW = 2**31 - 1
 HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_BOUNDS = (1.0, 60.0)  # the gateway follows the connector's announced interval within these
 DEAD_AFTER_INTERVALS = 3
 MAX_STREAMS = 4096  # concurrent streams a connector accepts; more are reset
 _HEADER = struct.Struct("!BI")
@@ -43,11 +44,13 @@ class FrameType(IntEnum):
     PING = 9
     PONG = 10
     GOAWAY = 11
+    BATCH = 12
 
 
 CONNECTION_FRAMES = frozenset(
-    {FrameType.HELLO, FrameType.WELCOME, FrameType.PING, FrameType.PONG, FrameType.GOAWAY}
+    {FrameType.HELLO, FrameType.WELCOME, FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.BATCH}
 )
+BATCH_LIMIT = MAX_MESSAGE - 5  # payload bytes of one BATCH frame
 
 
 class ProtocolError(Exception):
@@ -78,9 +81,10 @@ def decode(data: bytes) -> Frame:
     data = bytes(data)
     if len(data) < _HEADER.size:
         raise ProtocolError(f"frame of {len(data)} bytes is shorter than its {_HEADER.size}-byte header")
-    if len(data) - _HEADER.size > MAX_FRAME:
-        raise ProtocolError(f"frame payload of {len(data) - _HEADER.size} bytes exceeds {MAX_FRAME}")
     raw_type, stream = _HEADER.unpack_from(data)
+    limit = BATCH_LIMIT if raw_type == FrameType.BATCH else MAX_FRAME
+    if len(data) - _HEADER.size > limit:
+        raise ProtocolError(f"frame payload of {len(data) - _HEADER.size} bytes exceeds {limit}")
     try:
         kind = FrameType(raw_type)
     except ValueError:
@@ -89,6 +93,56 @@ def decode(data: bytes) -> Frame:
         where = "stream 0" if kind in CONNECTION_FRAMES else "a stream other than 0"
         raise ProtocolError(f"{kind.name} frame must be on {where}, not stream {stream}")
     return Frame(kind, stream, data[_HEADER.size :])
+
+
+def pack(frames: list[bytes]) -> list[bytes]:
+    """Messages for frames, in order: runs of frames go out as BATCH frames (one WebSocket message,
+    one write, one wake-up of the peer for many frames); a frame on its own goes out as it is."""
+    if len(frames) < 2:
+        return list(frames)
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if run and size + 4 + len(frame) > BATCH_LIMIT:
+            out.append(_batch(run))
+            run, size = [], 0
+        run.append(frame)
+        size += 4 + len(frame)
+    out.append(_batch(run))
+    return out
+
+
+def _batch(run: list[bytes]) -> bytes:
+    if len(run) == 1:
+        return run[0]
+    parts = [_HEADER.pack(FrameType.BATCH, 0)]
+    for frame in run:
+        parts.append(_U32.pack(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def unbatch(frame: Frame) -> list[Frame]:
+    """The frames inside a BATCH frame (each ``length (4 bytes) | frame``), in order."""
+    data = frame.payload
+    frames: list[Frame] = []
+    at = 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise ProtocolError("BATCH entry cut short")
+        (n,) = _U32.unpack_from(data, at)
+        at += 4
+        if at + n > len(data):
+            raise ProtocolError("BATCH entry longer than the BATCH")
+        inner = decode(data[at : at + n])
+        at += n
+        if inner.type is FrameType.BATCH:
+            raise ProtocolError("BATCH inside BATCH")
+        frames.append(inner)
+    if not frames:
+        raise ProtocolError("empty BATCH")
+    return frames
 
 
 def _json(frame: Frame) -> dict[str, Any]:
@@ -135,6 +189,7 @@ class Hello:
     connector: str
     servers: list[str]
     software: str
+    heartbeat: float = HEARTBEAT_SECONDS  # the connector's interval (bounded): the gateway adopts it
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +335,13 @@ class Mux:
         self._emit_json(
             FrameType.HELLO,
             0,
-            {"v": VERSION, "connector": connector, "servers": servers, "software": software},
+            {
+                "v": VERSION,
+                "connector": connector,
+                "servers": servers,
+                "software": software,
+                "heartbeat": self.heartbeat_seconds,
+            },
         )
         return self.pending_frames()
 
@@ -400,6 +461,11 @@ class Mux:
         try:
             frame = decode(data)
             self._last_received = now
+            if frame.type is FrameType.BATCH:
+                events: list[Event] = []
+                for inner in unbatch(frame):
+                    events += self._handle(inner)
+                return events
             return self._handle(frame)
         except ProtocolError:
             self._broken = True
@@ -492,7 +558,15 @@ class Mux:
         software = body.get("software", "")
         if not isinstance(connector, str) or not isinstance(software, str):
             raise ProtocolError("HELLO connector and software must be strings")
-        return Hello(connector, _names(frame, body.get("servers"), "servers"), software[:200])
+        heartbeat = body.get("heartbeat", self.heartbeat_seconds)
+        if not isinstance(heartbeat, int | float) or isinstance(heartbeat, bool) or not heartbeat > 0:
+            raise ProtocolError("HELLO heartbeat must be a positive number of seconds")
+        # Both ends beat (and notice a silent drop) at the connector's pace, within bounds.
+        low, high = HEARTBEAT_BOUNDS
+        self.heartbeat_seconds = min(max(float(heartbeat), low), high)
+        return Hello(
+            connector, _names(frame, body.get("servers"), "servers"), software[:200], self.heartbeat_seconds
+        )
 
     def _welcome(self, frame: Frame) -> Welcome:
         if self.role != "connector":

@@ -27,9 +27,7 @@ def make_channel(config: ServerConfig, era: Era, sink: Sink) -> Channel:
     if config.transport == "sse":
         return SseChannel(config.name, sink, config.url, headers, config.timeout)
     if config.transport == "tunnel":  # a server behind a connector: Streamable HTTP over its link
-        from ..tunnel.relay import TunnelTransport
+        from ..tunnel.relay import TunnelChannel
 
-        return StreamableHttpChannel(
-            config.name, era, sink, config.url, headers, config.timeout, TunnelTransport(config.name)
-        )
+        return TunnelChannel(config.name, era, sink, config.url, headers, config.timeout)
     return StreamableHttpChannel(config.name, era, sink, config.url, headers, config.timeout)

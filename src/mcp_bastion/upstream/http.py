@@ -86,11 +86,12 @@ class _HttpBase(Channel):
         headers: Mapping[str, str],
         timeout: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        client: httpx.AsyncClient | None = None,
     ):
         super().__init__(server, era, sink, handshake_timeout=timeout)
         self.url = url
         self.headers = dict(headers)
-        self.client = _client(timeout, transport)
+        self.client = client if client is not None else _client(timeout, transport)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -124,8 +125,9 @@ class StreamableHttpChannel(_HttpBase):
         headers: Mapping[str, str],
         timeout: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        client: httpx.AsyncClient | None = None,
     ):
-        super().__init__(server, era, sink, url, headers, timeout, transport)
+        super().__init__(server, era, sink, url, headers, timeout, transport, client)
         self.session_id: str | None = None
         self.version = LATEST_MODERN if era == "modern" else ""
         self._inflight: dict[rpc.RequestId, asyncio.Task[None]] = {}
