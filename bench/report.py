@@ -97,26 +97,26 @@ class Results:
                 out.append(float(v))
         return out
 
-    def ratios(self, key: CellKey, base: str, get: Callable[[Row], float | None]) -> list[float]:
-        """Per-round value / the baseline's value in the same round and cell."""
-        out = []
-        base_key = (base, key[1], key[2], key[3])
-        for r in self.calls.get(key, []):
-            b = self.by_round.get((base_key, r["round"]))
-            v, bv = get(r), get(b) if b else None
-            if v is not None and bv:
-                out.append(float(v) / float(bv))
-        return out
-
-    def deltas(self, key: CellKey, base: str, get: Callable[[Row], float | None]) -> list[float]:
+    def _paired(
+        self, key: CellKey, base: str, get: Callable[[Row], float | None]
+    ) -> list[tuple[float, float]]:
+        """(value, the baseline's value in the same round and cell), for rounds where both exist."""
         out = []
         base_key = (base, key[1], key[2], key[3])
         for r in self.calls.get(key, []):
             b = self.by_round.get((base_key, r["round"]))
             v, bv = get(r), get(b) if b else None
             if v is not None and bv is not None:
-                out.append(float(v) - float(bv))
+                out.append((float(v), float(bv)))
         return out
+
+    def ratios(self, key: CellKey, base: str, get: Callable[[Row], float | None]) -> list[float]:
+        """Per-round value / the baseline's value in the same round and cell."""
+        return [v / bv for v, bv in self._paired(key, base, get) if bv]
+
+    def deltas(self, key: CellKey, base: str, get: Callable[[Row], float | None]) -> list[float]:
+        """Per-round value - the baseline's value in the same round and cell."""
+        return [v - bv for v, bv in self._paired(key, base, get)]
 
     def scenario_rows(self, scenario: str, subject: str) -> list[Row]:
         return [r for r in self.rows if r.get("scenario") == scenario and r.get("subject") == subject]
