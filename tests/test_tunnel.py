@@ -5,6 +5,7 @@ connect`` as real subprocesses in front of the notes server and the everything-s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -135,6 +136,9 @@ async def legacy_call(client: httpx.AsyncClient, url: str, name: str, args: dict
             },
         },
     )
+    if "mcp-session-id" not in init.headers:  # the server could not be reached to begin with
+        refused: dict[str, Any] = init.json()
+        return refused
     h = {**HEADERS, "Mcp-Session-Id": init.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
     await client.post(url, headers=h, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
     resp = await client.post(
@@ -207,7 +211,7 @@ async def test_connector_killed_mid_call_then_back(
         assert time.monotonic() - started < 30  # far below the call's own 60 s: it failed at once
         assert answer["error"]["code"] == -31000
         assert "connector 'laptop' is offline" in answer["error"]["message"]
-        # Offline: a new call fails at once too, and readiness says so.
+        # Offline: a new session or call fails at once too (with the error), and readiness says so.
         answer = await legacy_call(client, url, "echo", {"text": "x"})
         assert answer["error"]["code"] == -31000
         assert "offline" in answer["error"]["message"]
@@ -500,29 +504,52 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
     connector: ConnectorFactory, tmp_path: Path
 ) -> None:
     """A hostile gateway (here: our own fake on /connect, accepting every token) asks the connector for
-    paths and tools it does not offer: 404 for every other path, hidden tools stay unknown."""
+    streams and tools it does not offer: 404 for every other stream, hidden tools stay hidden and
+    unknown; and a call cut off by a dropped stream never answers a later caller with the same id."""
     from websockets.asyncio.server import Request
     from websockets.asyncio.server import Response as WsResponse
 
     answers: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
-    async def exchange(
-        link: Link, method: str, path: str, body: dict[str, Any] | None = None, *extra: tuple[str, str]
-    ) -> tuple[int, bytes]:
-        headers = [
-            ("content-type", "application/json"),
-            ("accept", "application/json, text/event-stream"),
-            *extra,
-        ]
-        stream = await link.open(method, path, headers)
-        if body is not None:
-            await stream.write(json.dumps(body).encode())
+    async def status_of(link: Link, method: str, path: str, *headers: tuple[str, str]) -> int:
+        stream = await link.open(method, path, list(headers))
         await stream.end()
         head = await asyncio.wait_for(stream.response, 20)
-        data = b""
-        while chunk := await asyncio.wait_for(stream.read(), 20):
-            data += chunk
-        return head.status, data
+        while await asyncio.wait_for(stream.read(), 20):
+            pass
+        return head.status
+
+    class Pipe:
+        """The gateway's end of one PIPE stream, spoken by hand."""
+
+        def __init__(self, stream: TunnelStream) -> None:
+            self.stream = stream
+            self.buffer = b""
+
+        async def send(self, message: dict[str, Any]) -> None:
+            await self.stream.write(json.dumps(message).encode() + b"\n")
+
+        async def next(self, wait: float = 20) -> dict[str, Any]:
+            while b"\n" not in self.buffer:
+                chunk = await asyncio.wait_for(self.stream.read(), wait)
+                assert chunk, "the connector ended the stream"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            message: dict[str, Any] = json.loads(line)
+            return message
+
+        async def call(self, rid: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+            await self.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            while True:
+                message = await self.next()
+                if message.get("id") == rid and "method" not in message:
+                    return message
+
+    async def pipe(link: Link) -> Pipe:
+        stream = await link.open("PIPE", "/servers/notes/pipe", [("mcp-era", "legacy")])
+        head = await asyncio.wait_for(stream.response, 30)
+        assert head.status == 200
+        return Pipe(stream)
 
     async def hostile(ws: ServerConnection) -> None:
         hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
@@ -537,36 +564,47 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
             offered = await asyncio.wait_for(hello, 30)
             assert isinstance(offered, p.Hello)
             await link.send_frames(link.mux.welcome(offered.servers, {}))
-            got: dict[str, Any] = {"offered": offered.servers}
-            for path in (
-                "/mcp",
-                "/readyz",
-                "/healthz",
-                "/sse",
-                "/servers/other/mcp",
-                "/servers/notes/../x/mcp",
+            got: dict[str, Any] = {"offered": offered.servers, "statuses": {}}
+            era = ("mcp-era", "legacy")
+            for method, path in (
+                ("POST", "/mcp"),
+                ("GET", "/readyz"),
+                ("POST", "/servers/notes/mcp"),
+                ("PIPE", "/servers/other/pipe"),
+                ("PIPE", "/servers/notes/../x/pipe"),
+                ("PIPE", "/servers/notes/pipe/x"),
+                ("POST", "/servers/notes/pipe"),
             ):
-                got[path] = (await exchange(link, "POST", path, {}))[0]
-            init = {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "tools/call",
-                "params": {
-                    "name": "crash",
-                    "arguments": {},
-                    "_meta": {
-                        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                        "io.modelcontextprotocol/clientCapabilities": {},
-                    },
-                },
-            }
-            modern = (
-                ("mcp-protocol-version", "2026-07-28"),
-                ("mcp-method", "tools/call"),
-                ("mcp-name", "crash"),
+                got["statuses"][f"{method} {path}"] = await status_of(link, method, path, era)
+            got["statuses"]["no era"] = await status_of(link, "PIPE", "/servers/notes/pipe")
+            first = await pipe(link)
+            init = await first.call(
+                1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
             )
-            status, data = await exchange(link, "POST", "/servers/notes/mcp", init, *modern)
-            got["crash"] = (status, json.loads(data) if data else None)
+            got["server"] = init["result"]["serverInfo"]["name"]
+            await first.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            tools = await first.call(2, "tools/list", {})
+            got["tools"] = sorted(t["name"] for t in tools["result"]["tools"])
+            got["crash"] = await first.call(3, "tools/call", {"name": "crash", "arguments": {}})
+            # A slow call as id 7, then the stream drops; the next stream's id 7 must get its own answer.
+            await first.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 7,
+                    "method": "tools/call",
+                    "params": {"name": "slow", "arguments": {"seconds": 1}},
+                }
+            )
+            await asyncio.sleep(0.3)
+            first.stream.reset("the gateway went away")
+            second = await pipe(link)
+            await second.call(
+                1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
+            )
+            answer = await second.call(7, "tools/call", {"name": "echo", "arguments": {"text": "mine"}})
+            got["echo"] = answer["result"]["content"][0]["text"]
+            with contextlib.suppress(TimeoutError):  # the slow call's late answer must not come through
+                got["late"] = await second.next(wait=2.5)
             answers.set_result(got)
         except Exception as exc:  # surface in the test, not in the server's log
             if not answers.done():
@@ -586,11 +624,16 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
         connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": notes_entry(tools={"deny": ["crash"]})})
         got = await asyncio.wait_for(answers, 90)
     assert got["offered"] == ["notes"]
-    for path in ("/mcp", "/readyz", "/healthz", "/sse", "/servers/other/mcp", "/servers/notes/../x/mcp"):
-        assert got[path] == 404, (path, got[path])
-    status, reply = got["crash"]
-    assert reply is not None and reply["error"]["code"] == -32602, (status, reply)
-    assert reply["error"]["message"] == "Unknown tool: crash"
+    statuses = got["statuses"]
+    assert statuses.pop("no era") == 400
+    for what, status in statuses.items():
+        assert status == 404, (what, status)
+    assert "crash" not in got["tools"] and {"echo", "slow"} <= set(got["tools"])
+    crash = got["crash"]
+    assert crash["error"]["code"] == -32602, crash
+    assert crash["error"]["message"] == "Unknown tool: crash"
+    assert got["echo"] == "mine"
+    assert "late" not in got, got["late"]
 
 
 async def test_tls_is_verified_against_the_given_ca(gateway: GatewayFactory, tmp_path: Path) -> None:

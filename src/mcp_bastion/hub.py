@@ -37,7 +37,7 @@ from .core.forward import Broadcast, Delivery, Event, ServerRequest
 from .core.names import NameMap, PrefixMode, UriMap
 from .core.sealing import StateSealer
 from .peers import CallRoute, Peer, level_index
-from .upstream.base import Channel, Era, UpstreamUnavailable, modern_meta
+from .upstream.base import Channel, Era, Unreachable, UpstreamUnavailable, modern_meta
 from .upstream.factory import make_channel
 
 log = structlog.get_logger("mcp_bastion.hub")
@@ -194,8 +194,8 @@ class ServerEntry:
                     return ch
             try:
                 ch = await self._open(era, credentials)
-            except UpstreamUnavailable:
-                if era == "modern" and self.config.era == "auto":
+            except UpstreamUnavailable as exc:
+                if era == "modern" and self.config.era == "auto" and not isinstance(exc, Unreachable):
                     log.info("upstream_not_modern", server=self.name)
                     self.modern = False
                     return await self.channel("legacy", peer)

@@ -1,10 +1,10 @@
 """The private end of the tunnel: ``mcp-bastion connect``.
 
-It runs an ordinary :class:`~mcp_bastion.gateway.Gateway` for its own servers in-process, with no
-listening socket, dials the gateway out (one WebSocket), and answers each stream the gateway opens
-by running it through that gateway's ASGI app, for ``/servers/<accepted server>/mcp`` only. The
-local servers (stdio children) keep running while the link drops and comes back. Upstream secrets
-stay here: the gateway sees MCP messages, never this side's env or headers.
+It keeps its servers' upstream channels (stdio children, HTTP servers of the private network) and
+dials the gateway out (one WebSocket); each PIPE stream the gateway opens, for a server it accepted and
+one protocol era, is served by a :class:`~mcp_bastion.tunnel.pipe.PipeHost`. Nothing listens here.
+The stdio children keep running while the link drops and comes back. Upstream secrets stay here: the
+gateway sees MCP messages, never this side's env or headers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import re
 import signal
 import ssl
 import time
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,10 +27,11 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from .. import __version__
-from ..config import GatewaySettings, ServerConfig, is_loopback_host
-from ..gateway import Gateway
+from ..config import ServerConfig, is_loopback_host
+from ..upstream.base import Era, UpstreamUnavailable
 from . import protocol as p
-from .link import ClientWire, Link, StreamReset, TunnelStream
+from .link import ClientWire, Link, TunnelStream
+from .pipe import ERA_HEADER, PIPE_METHOD, PipeHost, refuse
 from .relay import CONNECT_PATH
 
 log = structlog.get_logger("mcp_bastion.tunnel")
@@ -41,7 +41,7 @@ BACKOFF_CAP = 30.0
 HEALTHY_AFTER = 30.0  # a link up this long resets the backoff
 WELCOME_TIMEOUT = 15.0
 OPEN_TIMEOUT = 15.0
-_SERVER_PATH = re.compile(r"/servers/([^/]+)/mcp")
+_PIPE_PATH = re.compile(r"/servers/([^/]+)/pipe")
 
 
 class ConnectorError(Exception):
@@ -115,21 +115,17 @@ class Connector:
         self.name = name
         self.ssl = tls_context(ca_bundle) if self.endpoint.secure else None
         self.heartbeat_seconds = heartbeat_seconds
-        # The local gateway is never on a socket: its Host check has nothing to protect here.
-        settings = GatewaySettings(auth="off", allowed_hosts=("*",))
-        self.gateway = Gateway(settings, servers)
-        self.servers = [s.name for s in servers]
+        self.configs = {s.name: s for s in servers}
+        self.servers = list(self.configs)
+        self.hosts: dict[tuple[str, Era], PipeHost] = {}
         self.accepted: set[str] = set()
         self.link: Link | None = None
         self._stop = asyncio.Event()
-        self._lifespan_in: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
-        self._lifespan: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
         """Until stopped: start the local servers, then keep the link up."""
-        await self._start_app()
-        await self.gateway.start_upstreams()
+        await self._start_servers()
         log.info("connector_started", gateway=self.endpoint.origin, servers=self.servers)
         delay = BACKOFF_START
         try:
@@ -162,26 +158,28 @@ class Connector:
     async def _shutdown(self) -> None:
         if self.link is not None and not self.link.closed.is_set():
             await self.link.close("the connector is shutting down", 1001)
-        await self._lifespan_in.put({"type": "lifespan.shutdown"})
-        if self._lifespan is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lifespan, 10)
-        await self.gateway.close()
+        await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
         log.info("connector_stopped")
 
-    async def _start_app(self) -> None:
-        """The local app's lifespan (its idle-session sweeper), as a server would run it."""
-        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def host(self, server: str, era: Era) -> PipeHost:
+        found = self.hosts.get((server, era))
+        if found is None:
+            found = self.hosts[(server, era)] = PipeHost(self.configs[server], era)
+        return found
 
-        async def send(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "lifespan.startup.complete" and not started.done():
-                started.set_result(None)
+    async def _start_servers(self) -> None:
+        """Start every server's handshake-era channel now (the one the gateway opens first), so the
+        first call does not wait; a server that fails is retried when the gateway asks for it."""
 
-        self._lifespan = asyncio.create_task(
-            self.gateway.app({"type": "lifespan", "asgi": {"version": "3.0"}}, self._lifespan_in.get, send)
-        )
-        await self._lifespan_in.put({"type": "lifespan.startup"})
-        await started
+        async def one(config: ServerConfig) -> None:
+            if config.users_only:
+                return  # served to nobody through the tunnel (see _serve)
+            try:
+                await self.host(config.name, "modern" if config.era == "modern" else "legacy").ready_channel()
+            except UpstreamUnavailable as exc:
+                log.error("upstream_unavailable", server=config.name, error=str(exc))
+
+        await asyncio.gather(*(one(c) for c in self.configs.values()))
 
     # ---- one link ----------------------------------------------------------------------------------
     async def _session(self) -> str:
@@ -243,58 +241,26 @@ class Connector:
                     await running
 
     async def _serve(self, stream: TunnelStream) -> None:
-        """One stream: one HTTP request to the local app, if it is for a server the gateway accepted."""
+        """One stream: a PIPE to a server the gateway accepted, in the era it asks for; nothing else."""
         opened = stream.opened
         assert opened is not None
-        path, _, query = opened.path.partition("?")
-        match = _SERVER_PATH.fullmatch(path)
-        if match is None or match.group(1) not in self.accepted:
-            body = orjson.dumps({"error": "not found: this connector serves /servers/<name>/mcp only"})
-            await stream.respond(404, [("content-type", "application/json")])
-            await stream.write(body)
-            await stream.end()
+        match = _PIPE_PATH.fullmatch(opened.path)
+        server = match.group(1) if match is not None else ""
+        if opened.method != PIPE_METHOD or server not in self.accepted or server not in self.configs:
+            await refuse(stream, 404, "not found: this connector serves PIPE /servers/<name>/pipe only")
             return
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": opened.method.upper(),
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode("latin-1", "replace"),
-            "query_string": query.encode("latin-1", "replace"),
-            "root_path": "",
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in opened.headers],
-            "client": ("tunnel", 0),
-            "server": ("tunnel", 0),
-        }
-        body_done = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal body_done
-            if not body_done:
-                try:
-                    chunk = await stream.read()
-                except StreamReset:
-                    return {"type": "http.disconnect"}
-                if chunk:
-                    return {"type": "http.request", "body": chunk, "more_body": True}
-                body_done = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await stream.gone.wait()  # the gateway reset the stream (its caller left), or we ended it
-            return {"type": "http.disconnect"}
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
-                await stream.respond(int(message["status"]), headers)
-            elif message["type"] == "http.response.body":
-                # The last body bytes and END leave together (with the head, queued just before).
-                await stream.write(bytes(message.get("body", b"")), end=not message.get("more_body", False))
-
-        await self.gateway.app(scope, receive, send)
-        if stream.error is None and not stream.gone.is_set():
-            stream.reset("the local app ended without a complete response")
+        wanted = next((v for k, v in opened.headers if k.lower() == ERA_HEADER), "")
+        config = self.configs[server]
+        era: Era = "modern" if wanted == "modern" else "legacy"
+        if wanted not in ("legacy", "modern"):
+            await refuse(stream, 400, f"{ERA_HEADER} must be legacy or modern")
+        elif config.users_only:
+            why = f"server {server!r} has usersOnly credentials: not offered through the tunnel"
+            await refuse(stream, 403, why)
+        elif config.era not in ("auto", era):
+            await refuse(stream, 409, f"server {server!r} is configured for the {config.era} era only")
+        else:
+            await self.host(server, era).serve(stream)
 
 
 def _error_text(body: bytes | bytearray | None) -> str:

@@ -1,9 +1,9 @@
-"""The gateway's end of the tunnel: ``/connect``, servers that connectors bring, ``TunnelTransport``.
+"""The gateway's end of the tunnel: ``/connect``, and the servers that connectors bring.
 
 A connector authenticates with its token (always, auth on or off), says which servers it has (HELLO)
-and gets told which the gateway took (WELCOME). Each accepted server becomes an ordinary Streamable
-HTTP upstream whose httpx client sends every request as one stream over the connector's link
-(:class:`TunnelTransport`), so sessions, SSE, cancellation and both eras work as for any HTTP upstream.
+and gets told which the gateway took (WELCOME). Each accepted server becomes an upstream whose
+channels are PIPE streams over the connector's link (:class:`~mcp_bastion.tunnel.pipe.TunnelChannel`),
+so the gateway's hub serves it as it serves a local stdio child: both eras, sessions, cancellation.
 Servers stay when their connector drops: calls then fail at once with "connector <c> is offline".
 """
 
@@ -12,22 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 import structlog
 
 from ..config import ServerConfig
-from ..core import jsonrpc as rpc
-from ..core.eras import H_SESSION
 from ..core.names import valid_server_name
-from ..upstream.base import Era, Sink
-from ..upstream.http import StreamableHttpChannel, sse_events
 from . import protocol as p
-from .link import AsgiWire, Link, StreamReset, TunnelStream
+from .link import AsgiWire, Link
 
 if TYPE_CHECKING:
     from ..auth.store import Store
@@ -87,202 +82,6 @@ class TunnelRegistry:
 
 
 REGISTRY = TunnelRegistry()
-
-
-class _ResponseBody(httpx.AsyncByteStream):
-    """A response body read from a stream; closing it early resets the stream (the request's cancel)."""
-
-    def __init__(self, stream: TunnelStream, connector: str) -> None:
-        self.stream = stream
-        self.connector = connector
-        self.done = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await self.stream.read()
-            except StreamReset as exc:
-                self.done = True
-                raise httpx.ReadError(_lost(self.connector, self.stream.link, str(exc))) from None
-            if not chunk:
-                self.done = True
-                return
-            yield chunk
-
-    async def aclose(self) -> None:
-        if not self.done:
-            self.done = True
-            self.stream.reset("the gateway closed the response")
-
-
-def _lost(connector: str, link: Link, reason: str) -> str:
-    if link.closed.is_set():
-        return f"{offline(connector)} (the link was lost: {link.reason or reason})"
-    return f"connector {connector!r}: stream reset ({reason})"
-
-
-class TunnelTransport(httpx.AsyncBaseTransport):
-    """httpx transport for a server behind a connector: one request per stream over its live link."""
-
-    def __init__(self, server: str, registry: TunnelRegistry = REGISTRY) -> None:
-        self.server = server
-        self.registry = registry
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        connector, link = self.registry.route(self.server)
-        if link is None:
-            raise httpx.ConnectError(offline(connector), request=request)
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in request.headers.raw
-            if k.lower() not in HOP_BY_HOP
-        ]
-        path = request.url.raw_path.decode("ascii")
-        stream: TunnelStream | None = None
-        try:
-            if isinstance(request.stream, httpx.ByteStream):
-                # The whole body is known (every POST the channel makes): head, body and END leave
-                # as one batch, not three sends.
-                stream = await link.open(request.method, path, headers, body=request.content)
-            else:
-                stream = await link.open(request.method, path, headers)
-                assert isinstance(request.stream, httpx.AsyncByteStream)
-                async for chunk in request.stream:
-                    await stream.write(chunk)
-                await stream.end()
-            head = await stream.response
-        except ConnectionError as exc:  # the stream was reset, or the link went away under it
-            if stream is not None:
-                stream.reset("the request could not be sent")
-            raise httpx.ReadError(_lost(connector, link, str(exc)), request=request) from None
-        except BaseException:
-            if stream is not None:
-                stream.reset("the request was cancelled")
-            raise
-        return httpx.Response(
-            head.status, headers=head.headers, stream=_ResponseBody(stream, connector), request=request
-        )
-
-
-class TunnelClient(httpx.AsyncClient):
-    """The httpx client of a tunnel server: requests go straight to its :class:`TunnelTransport`.
-
-    The generic client's per-request work (URL merging, cookie jar, auth flow, redirect handling,
-    a bound stream per response) cost about a quarter of the gateway's CPU per tunnelled call and
-    means nothing here: the URL is fixed, there are no cookies or redirects, and the transport
-    ignores timeouts (a lost link fails the stream at once)."""
-
-    def __init__(self, server: str, timeout: float, registry: TunnelRegistry = REGISTRY) -> None:
-        self.tunnel = TunnelTransport(server, registry)
-        super().__init__(
-            timeout=httpx.Timeout(timeout, read=None), follow_redirects=False, transport=self.tunnel
-        )
-        self._urls: dict[str, httpx.URL] = {}
-
-    def build_request(  # type: ignore[override]
-        self,
-        method: str,
-        url: httpx.URL | str,
-        *,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> httpx.Request:
-        if not isinstance(url, str) or any(v is not None for k, v in kwargs.items() if k != "timeout"):
-            return super().build_request(method, url, content=content, headers=headers, **kwargs)
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = self._urls[url] = httpx.URL(url)
-        return httpx.Request(method, parsed, content=content, headers=headers)
-
-    async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
-        if self.is_closed:
-            raise RuntimeError("Cannot send a request, as the client has been closed.")
-        response = await self.tunnel.handle_async_request(request)
-        if not stream:
-            try:
-                await response.aread()
-            except BaseException:
-                await response.aclose()
-                raise
-        return response
-
-
-class TunnelChannel(StreamableHttpChannel):
-    """Streamable HTTP to a server behind a connector, with the hot path (one POST per request,
-    answered with JSON) written against the link directly: building and reading httpx requests and
-    responses cost more gateway CPU per call than the tunnel itself. SSE answers, notifications, the
-    GET stream and DELETE still go through :class:`TunnelClient`, with the same behaviour and errors."""
-
-    def __init__(
-        self, server: str, era: Era, sink: Sink, url: str, headers: Mapping[str, str], timeout: float
-    ) -> None:
-        client = TunnelClient(server, timeout)
-        super().__init__(server, era, sink, url, headers, timeout, client=client)
-        self.tunnel = client.tunnel
-        parsed = httpx.URL(url)
-        self._path = parsed.raw_path.decode("ascii")
-        self._host = parsed.netloc.decode("ascii")
-
-    async def _post_request(self, message: rpc.Message, retried: bool = False) -> None:
-        connector, link = self.tunnel.registry.route(self.tunnel.server)
-        if link is None:
-            self._fail(message, offline(connector))
-            return
-        body = orjson.dumps(message)
-        headers = [("host", self._host), *self._request_headers(message).items()]
-        headers.append(("content-length", str(len(body))))
-        stream: TunnelStream | None = None
-        finished = False
-        try:
-            stream = await link.open("POST", self._path, headers, body=body)
-            head = await stream.response
-            fields = {k.lower(): v for k, v in head.headers}
-            ctype = fields.get("content-type", "")
-            if head.status == 404 and self.session_id and not retried and message["method"] != "initialize":
-                while await stream.read():
-                    pass
-                finished = True
-                await self._reinitialize()
-                await self._post_request(message, retried=True)
-                return
-            sid = fields.get(H_SESSION.lower())
-            if sid and message["method"] == "initialize":
-                self.session_id = sid
-            learn = message["method"] == "tools/list" and self.era == "modern"
-            if ctype.startswith("text/event-stream"):
-                finished = True  # the response object owns the stream from here (and resets it if left)
-                response = httpx.Response(
-                    head.status, headers=head.headers, stream=_ResponseBody(stream, connector)
-                )
-                try:
-                    async for _event, data in sse_events(response):
-                        self._feed(data, learn)
-                except httpx.HTTPError as exc:
-                    self._fail(message, str(exc) or type(exc).__name__)
-                    return
-                finally:
-                    await response.aclose()
-            else:
-                parts = []
-                while chunk := await stream.read():
-                    parts.append(chunk)
-                finished = True
-                if not ctype.startswith("application/json"):
-                    self._fail(message, f"HTTP {head.status} without a JSON-RPC answer")
-                    return
-                self._feed(b"".join(parts), learn)
-        except ConnectionError as exc:  # the stream was reset, or the link went away under it
-            finished = True
-            if stream is not None:
-                stream.reset("the request could not be completed")
-            self._fail(message, _lost(connector, link, str(exc)))
-            return
-        finally:
-            if not finished and stream is not None:
-                stream.reset("the gateway closed the response")  # cancelled (2026-07-28: the cancel)
-        if message["id"] in self.state.pending:
-            self._fail(message, "the response stream ended without an answer")
 
 
 async def deny(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:

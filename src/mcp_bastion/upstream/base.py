@@ -42,6 +42,10 @@ class UpstreamUnavailable(Exception):
     """The upstream cannot be reached or did not complete its handshake."""
 
 
+class Unreachable(UpstreamUnavailable):
+    """Nothing answered at all (e.g. its connector is offline): no evidence of which era it speaks."""
+
+
 class FutureRoute:
     """A route that resolves a future: for requests the gateway makes itself."""
 
@@ -121,14 +125,14 @@ class Channel:
     def received(self, message: rpc.Message) -> None:
         self._dispatch(self.state.receive(message))
 
-    def lost(self, reason: str) -> None:
-        """The connection broke: callers in flight get a clear error now."""
+    def lost(self, reason: str, *, detail: str | None = None) -> None:
+        """The connection broke: callers in flight get a clear error now (``detail``: its full text)."""
         was_ready = self.ready.is_set()
         self.ready.clear()
         if was_ready and self.on_lost is not None:
             self.on_lost(self)
         events: list[Event] = list(
-            self.state.fail_all(rpc.UPSTREAM_UNAVAILABLE, f"upstream {self.server!r} {reason}")
+            self.state.fail_all(rpc.UPSTREAM_UNAVAILABLE, detail or f"upstream {self.server!r} {reason}")
         )
         if events:
             self._dispatch(events)

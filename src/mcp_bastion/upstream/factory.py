@@ -22,12 +22,13 @@ def make_channel(config: ServerConfig, era: Era, sink: Sink) -> Channel:
             config.cwd,
             handshake_timeout=config.timeout,
         )
+    if config.transport == "tunnel":  # a server behind a connector: a message pipe over its link
+        from ..tunnel.pipe import TunnelChannel
+        from ..tunnel.relay import REGISTRY
+
+        return TunnelChannel(config.name, era, sink, REGISTRY, config.timeout)
     assert config.url is not None
     headers = resolve_mapping(config.headers)
     if config.transport == "sse":
         return SseChannel(config.name, sink, config.url, headers, config.timeout)
-    if config.transport == "tunnel":  # a server behind a connector: Streamable HTTP over its link
-        from ..tunnel.relay import TunnelChannel
-
-        return TunnelChannel(config.name, era, sink, config.url, headers, config.timeout)
     return StreamableHttpChannel(config.name, era, sink, config.url, headers, config.timeout)

@@ -67,12 +67,11 @@ def param_headers(schema: Any, arguments: Any) -> dict[str, str]:
     return out
 
 
-def _client(timeout: float, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+def _client(timeout: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, read=None),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         follow_redirects=False,
-        transport=transport,  # None: the network; a TunnelTransport for servers behind a connector
     )
 
 
@@ -85,13 +84,11 @@ class _HttpBase(Channel):
         url: str,
         headers: Mapping[str, str],
         timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-        client: httpx.AsyncClient | None = None,
     ):
         super().__init__(server, era, sink, handshake_timeout=timeout)
         self.url = url
         self.headers = dict(headers)
-        self.client = client if client is not None else _client(timeout, transport)
+        self.client = _client(timeout)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -124,10 +121,8 @@ class StreamableHttpChannel(_HttpBase):
         url: str,
         headers: Mapping[str, str],
         timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-        client: httpx.AsyncClient | None = None,
     ):
-        super().__init__(server, era, sink, url, headers, timeout, transport, client)
+        super().__init__(server, era, sink, url, headers, timeout)
         self.session_id: str | None = None
         self.version = LATEST_MODERN if era == "modern" else ""
         self._inflight: dict[rpc.RequestId, asyncio.Task[None]] = {}
