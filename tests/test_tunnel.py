@@ -422,6 +422,69 @@ async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
             await running
 
 
+async def test_frames_queued_during_a_send_are_not_left_behind() -> None:
+    """Data queued with ``send_soon`` while an earlier kicked send is still on the wire leaves with the
+    sender's next turn, not with whatever frame happens to be sent next (a heartbeat, 10 s later)."""
+
+    class GatedWire(ClientWire):
+        """The real WebSocket, with a gate the test closes to hold a send mid-way."""
+
+        def __init__(self, ws: ClientConnection) -> None:
+            super().__init__(ws)
+            self.gate = asyncio.Event()
+            self.gate.set()
+            self.held = asyncio.Event()
+
+        async def send(self, data: bytes) -> None:
+            if not self.gate.is_set():
+                self.held.set()
+                await self.gate.wait()
+            await super().send(data)
+
+    async def echo(stream: TunnelStream) -> None:
+        await stream.respond(200, [])
+        while chunk := await stream.read():
+            await stream.write(chunk)
+        await stream.end()
+
+    async def handler(ws: ServerConnection) -> None:
+        mux = p.Mux("connector")
+        link = Link(ClientWire(cast(ClientConnection, ws)), mux, on_open=echo)
+        running = asyncio.create_task(link.run())
+        await link.send_frames(mux.hello("test", ["x"]))
+        await running
+
+    async with serve(handler, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with ws_connect(
+            f"ws://127.0.0.1:{port}", max_size=p.MAX_MESSAGE, compression=None, proxy=None
+        ) as ws:
+            hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
+
+            def control(ev: p.Event) -> None:
+                if not hello.done():
+                    hello.set_result(ev)
+
+            wire = GatedWire(ws)
+            link = Link(wire, p.Mux("gateway"), on_control=control)
+            running = asyncio.create_task(link.run())
+            await asyncio.wait_for(hello, 10)
+            await link.send_frames(link.mux.welcome(["x"], {}))
+            stream = await link.open("PIPE", "/echo", [])
+            await asyncio.wait_for(stream.response, 10)
+            wire.gate.clear()
+            stream.send_soon(b"one;")
+            await asyncio.wait_for(wire.held.wait(), 10)  # the kicked send is on the wire, held
+            stream.send_soon(b"two;")
+            await asyncio.sleep(0.05)
+            wire.gate.set()
+            got = b""
+            while got != b"one;two;":  # without the fix "two;" came with the next PING/PONG, ~1 s later
+                got += await asyncio.wait_for(stream.read(), 0.5)
+            link.stop("done")
+            await running
+
+
 async def test_token_goes_only_to_the_configured_origin(connector: ConnectorFactory, tmp_path: Path) -> None:
     """A gateway URL that redirects elsewhere: the connector does not follow; the other host sees nothing."""
     reached: list[bytes] = []

@@ -86,6 +86,8 @@ class ServerConfig:
     tools_deny: tuple[str, ...] = ()
 
     def tool_allowed(self, name: str) -> bool:
+        if not self.tools_allow and not self.tools_deny:
+            return True  # the usual case, on every tools/call: no pattern matching at all
         if self.tools_allow and not any(fnmatch.fnmatchcase(name, p) for p in self.tools_allow):
             return False
         return not any(fnmatch.fnmatchcase(name, p) for p in self.tools_deny)

@@ -28,6 +28,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from .. import __version__
 from ..config import ServerConfig, is_loopback_host
+from ..gateway import settle_heap
 from ..upstream.base import Era, UpstreamUnavailable
 from . import protocol as p
 from .link import ClientWire, Link, TunnelStream
@@ -126,6 +127,7 @@ class Connector:
     async def run(self) -> None:
         """Until stopped: start the local servers, then keep the link up."""
         await self._start_servers()
+        settle_heap()
         log.info("connector_started", gateway=self.endpoint.origin, servers=self.servers)
         delay = BACKOFF_START
         try:

@@ -315,17 +315,20 @@ class Link:
         if not self._queue and self._failed is None:
             return
         async with self._lock:
+            # Until the queue is empty: frames queued while this task was sending (kicked ones too,
+            # whose kicker saw this send in progress) must not wait for some later send.
+            while self._queue:
+                if self._failed is not None:
+                    raise ConnectionError(self._failed)
+                batch, self._queue = self._queue, []
+                try:
+                    for message in p.pack(batch):
+                        await self.wire.send(message)
+                except ConnectionError as exc:
+                    self._failed = str(exc) or "the link is closed"
+                    raise
             if self._failed is not None:
                 raise ConnectionError(self._failed)
-            if not self._queue:
-                return
-            batch, self._queue = self._queue, []
-            try:
-                for message in p.pack(batch):
-                    await self.wire.send(message)
-            except ConnectionError as exc:
-                self._failed = str(exc) or "the link is closed"
-                raise
 
     async def flush(self) -> None:
         await self.send_frames(self.mux.pending_frames())
