@@ -563,3 +563,36 @@ def test_the_gateway_adopts_the_connectors_heartbeat_within_bounds() -> None:
     gw = p.Mux("gateway")
     with pytest.raises(p.ProtocolError, match="heartbeat"):
         gw.receive(p.encode(T.HELLO, 0, orjson.dumps({"v": 1, "servers": [], "heartbeat": "fast"})), 0)
+
+
+# ---- PIPE streams: newline-delimited messages in arbitrary chunks ------------------------------------
+
+
+@given(
+    st.lists(st.dictionaries(st.text(max_size=8), st.text(max_size=40), max_size=4), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40),
+)
+def test_pipe_lines_survive_any_chunking(messages: list[dict[str, str]], cuts: list[int]) -> None:
+    """However the link cuts the byte stream, the reader gets every message once, whole, in order."""
+    from mcp_bastion.tunnel.pipe import Lines
+
+    data = b"".join(orjson.dumps(m) + b"\n" for m in messages)
+    lines = Lines()
+    got: list[Any] = []
+    at, i = 0, 0
+    while at < len(data):
+        size = cuts[i % len(cuts)]
+        got += [orjson.loads(line) for line in lines.feed(data[at : at + size])]
+        at += size
+        i += 1
+    assert got == messages
+
+
+def test_pipe_line_without_end_is_refused() -> None:
+    from mcp_bastion.tunnel import pipe
+
+    lines = pipe.Lines()
+    chunk = b"x" * (1024 * 1024)
+    with pytest.raises(ValueError, match="longer than"):
+        for _ in range(pipe.MAX_LINE // len(chunk) + 2):
+            lines.feed(chunk)

@@ -33,6 +33,7 @@ log = structlog.get_logger("mcp_bastion.tunnel")
 PIPE_METHOD = "PIPE"
 ERA_HEADER = "mcp-era"
 HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
+MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message on a pipe, as for a stdio child's line
 
 
 def pipe_path(server: str) -> str:
@@ -42,16 +43,37 @@ def pipe_path(server: str) -> str:
 class Lines:
     """Newline-delimited messages out of stream chunks (a chunk may hold several, or part of one)."""
 
-    __slots__ = ("_rest",)
+    __slots__ = ("_parts", "_size")
 
     def __init__(self) -> None:
-        self._rest = b""
+        self._parts: list[bytes] = []  # the unfinished line, in pieces (joined once, when it ends)
+        self._size = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if not self._rest and chunk.endswith(b"\n") and chunk.count(b"\n") == 1:
+        """Whole lines so far; ValueError when a line grows past MAX_LINE (the peer is misbehaving)."""
+        if b"\n" not in chunk:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            if self._size > MAX_LINE:
+                raise ValueError(f"a message longer than {MAX_LINE} bytes")
+            return []
+        if not self._parts and chunk.endswith(b"\n") and chunk.count(b"\n") == 1:
             return [chunk]  # the usual case: one whole message
-        *lines, self._rest = (self._rest + chunk).split(b"\n")
+        if self._parts:
+            self._parts.append(chunk)
+            chunk = b"".join(self._parts)
+        *lines, rest = chunk.split(b"\n")
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
+        if self._size > MAX_LINE:
+            raise ValueError(f"a message longer than {MAX_LINE} bytes")
         return [line for line in lines if line.strip()]
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A fire-and-forget write to a child that may be gone: its failure is expected, not logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 def parse(line: bytes) -> rpc.Message | None:
@@ -159,6 +181,9 @@ class TunnelChannel(Channel):
                         self.received(message)
         except StreamReset as exc:
             reason = str(exc)
+        except ValueError as exc:  # an endless line: the connector broke the pipe's rules
+            reason = str(exc)
+            stream.reset(reason)
         if not self.closed:
             self.closed = True  # the hub opens a fresh channel for the next call
             log.warning("tunnel_server_lost", server=self.server, era=self.era, reason=reason)
@@ -255,6 +280,9 @@ class PipeHost:
                         await self._from_gateway(ch, message)
         except StreamReset:
             pass
+        except ValueError as exc:  # an endless line: the gateway broke the pipe's rules
+            log.warning("tunnel_bad_stream", server=self.config.name, error=str(exc))
+            stream.reset(str(exc))
         finally:
             if self.stream is stream:
                 self._detach("the gateway's stream ended")
@@ -333,7 +361,7 @@ class PipeHost:
     def _answer_child(self, channel: Channel, up_id: rpc.RequestId) -> None:
         reply = rpc.error(up_id, rpc.INTERNAL_ERROR, "the gateway is not connected")
         task = asyncio.ensure_future(channel.send(reply))
-        task.add_done_callback(lambda t: t.exception())
+        task.add_done_callback(_retrieve)
 
     def _detach(self, reason: str) -> None:
         """The gateway's stream is gone: the child forgets its calls (cancelled), and what it asked
@@ -352,7 +380,7 @@ class PipeHost:
             cancel = ch.state.cancel(up_id, "the gateway link was lost")
             if cancel is not None:
                 task = asyncio.ensure_future(ch.send(cancel))
-                task.add_done_callback(lambda t: t.exception())
+                task.add_done_callback(_retrieve)
         for asked in list(self.asked):
             self._answer_child(ch, asked)
         self.asked.clear()
