@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -365,24 +365,19 @@ def test_duplicate_server_names_are_refused(
 # ---- flow control on a real socket ---------------------------------------------------------------------
 
 
-async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
-    """Stream A's body (8 MiB) is not read; stream B on the same link completes; then A does too."""
-    big = bytes(range(256)) * (32 * 1024)
+@contextlib.asynccontextmanager
+async def link_pair(
+    on_open: Callable[[TunnelStream], Awaitable[None]],
+    wire: Callable[[ClientConnection], ClientWire] = ClientWire,
+) -> AsyncIterator[tuple[Link, list[p.Mux]]]:
+    """A gateway-side Link over a real loopback WebSocket to a connector-side Link serving streams with
+    ``on_open``, past HELLO and WELCOME; yields the gateway's link and the connector's multiplexer."""
     serving: list[p.Mux] = []
-
-    async def answer(stream: TunnelStream) -> None:
-        assert stream.opened is not None
-        while await stream.read():
-            pass
-        body = big if stream.opened.path == "/big" else b"small"
-        await stream.respond(200, [("content-type", "application/octet-stream")])
-        await stream.write(body)
-        await stream.end()
 
     async def handler(ws: ServerConnection) -> None:
         mux = p.Mux("connector")
         serving.append(mux)
-        link = Link(ClientWire(cast(ClientConnection, ws)), mux, on_open=answer)
+        link = Link(ClientWire(cast(ClientConnection, ws)), mux, on_open=on_open)
         running = asyncio.create_task(link.run())
         await link.send_frames(mux.hello("test", ["x"]))
         await running
@@ -398,28 +393,47 @@ async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
                 if not hello.done():
                     hello.set_result(ev)
 
-            link = Link(ClientWire(ws), p.Mux("gateway"), on_control=control)
+            link = Link(wire(ws), p.Mux("gateway"), on_control=control)
             running = asyncio.create_task(link.run())
             await asyncio.wait_for(hello, 10)
             await link.send_frames(link.mux.welcome(["x"], {}))
-            a = await link.open("GET", "/big", [])
-            await a.end()
-            await asyncio.wait_for(a.response, 10)
-            b = await link.open("GET", "/small", [])
-            await b.end()
-            await asyncio.wait_for(b.response, 10)
-            body = b""
-            while chunk := await asyncio.wait_for(b.read(), 10):
-                body += chunk
-            assert body == b"small"
-            # A's sender holds the rest of its 8 MiB back: only the credit went out.
-            assert serving[0].queued(a.id) >= len(big) - 2 * p.INITIAL_WINDOW
-            received = b""
-            while chunk := await asyncio.wait_for(a.read(), 10):
-                received += chunk
-            assert received == big
-            link.stop("done")
-            await running
+            try:
+                yield link, serving
+            finally:
+                link.stop("done")
+                await running
+
+
+async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
+    """Stream A's body (8 MiB) is not read; stream B on the same link completes; then A does too."""
+    big = bytes(range(256)) * (32 * 1024)
+
+    async def answer(stream: TunnelStream) -> None:
+        assert stream.opened is not None
+        while await stream.read():
+            pass
+        body = big if stream.opened.path == "/big" else b"small"
+        await stream.respond(200, [("content-type", "application/octet-stream")])
+        await stream.write(body)
+        await stream.end()
+
+    async with link_pair(answer) as (link, serving):
+        a = await link.open("GET", "/big", [])
+        await a.end()
+        await asyncio.wait_for(a.response, 10)
+        b = await link.open("GET", "/small", [])
+        await b.end()
+        await asyncio.wait_for(b.response, 10)
+        body = b""
+        while chunk := await asyncio.wait_for(b.read(), 10):
+            body += chunk
+        assert body == b"small"
+        # A's sender holds the rest of its 8 MiB back: only the credit went out.
+        assert serving[0].queued(a.id) >= len(big) - 2 * p.INITIAL_WINDOW
+        received = b""
+        while chunk := await asyncio.wait_for(a.read(), 10):
+            received += chunk
+        assert received == big
 
 
 async def test_frames_queued_during_a_send_are_not_left_behind() -> None:
@@ -447,42 +461,25 @@ async def test_frames_queued_during_a_send_are_not_left_behind() -> None:
             await stream.write(chunk)
         await stream.end()
 
-    async def handler(ws: ServerConnection) -> None:
-        mux = p.Mux("connector")
-        link = Link(ClientWire(cast(ClientConnection, ws)), mux, on_open=echo)
-        running = asyncio.create_task(link.run())
-        await link.send_frames(mux.hello("test", ["x"]))
-        await running
+    wires: list[GatedWire] = []
 
-    async with serve(handler, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        async with ws_connect(
-            f"ws://127.0.0.1:{port}", max_size=p.MAX_MESSAGE, compression=None, proxy=None
-        ) as ws:
-            hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
+    def gated(ws: ClientConnection) -> ClientWire:
+        wires.append(GatedWire(ws))
+        return wires[0]
 
-            def control(ev: p.Event) -> None:
-                if not hello.done():
-                    hello.set_result(ev)
-
-            wire = GatedWire(ws)
-            link = Link(wire, p.Mux("gateway"), on_control=control)
-            running = asyncio.create_task(link.run())
-            await asyncio.wait_for(hello, 10)
-            await link.send_frames(link.mux.welcome(["x"], {}))
-            stream = await link.open("PIPE", "/echo", [])
-            await asyncio.wait_for(stream.response, 10)
-            wire.gate.clear()
-            stream.send_soon(b"one;")
-            await asyncio.wait_for(wire.held.wait(), 10)  # the kicked send is on the wire, held
-            stream.send_soon(b"two;")
-            await asyncio.sleep(0.05)
-            wire.gate.set()
-            got = b""
-            while got != b"one;two;":  # without the fix "two;" came with the next PING/PONG, ~1 s later
-                got += await asyncio.wait_for(stream.read(), 0.5)
-            link.stop("done")
-            await running
+    async with link_pair(echo, gated) as (link, _):
+        wire = wires[0]
+        stream = await link.open("PIPE", "/echo", [])
+        await asyncio.wait_for(stream.response, 10)
+        wire.gate.clear()
+        stream.send_soon(b"one;")
+        await asyncio.wait_for(wire.held.wait(), 10)  # the kicked send is on the wire, held
+        stream.send_soon(b"two;")
+        await asyncio.sleep(0.05)
+        wire.gate.set()
+        got = b""
+        while got != b"one;two;":  # without the fix "two;" came with the next PING/PONG, ~1 s later
+            got += await asyncio.wait_for(stream.read(), 0.5)
 
 
 async def test_token_goes_only_to_the_configured_origin(connector: ConnectorFactory, tmp_path: Path) -> None:
