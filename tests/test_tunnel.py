@@ -165,6 +165,12 @@ async def test_sdk_client_both_eras(tunnel: tuple[RunningGateway, Any]) -> None:
                 == "through the tunnel"
             )
             assert (await client.read_resource("notes://all")).contents is not None
+            # Large answers, many at once: more than the stream's credit window in flight.
+            texts = [f"{i}:" + "x" * 100_000 for i in range(12)]
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(client.call_tool("echo", {"text": t}) for t in texts)), 60
+            )
+            assert [text_of(a) for a in answers] == texts
         async with Client(f"{gw.base}/servers/everything/mcp", mode=mode) as client:
             assert "simple text" in text_of(await client.call_tool("test_simple_text", {}))
         async with Client(gw.url, mode=mode) as client:  # the aggregate: local and tunnelled side by side
@@ -480,6 +486,32 @@ async def test_frames_queued_during_a_send_are_not_left_behind() -> None:
         got = b""
         while got != b"one;two;":  # without the fix "two;" came with the next PING/PONG, ~1 s later
             got += await asyncio.wait_for(stream.read(), 0.5)
+
+
+async def test_many_writers_beyond_the_credit_on_one_stream() -> None:
+    """Twenty writers share one stream (a PIPE carries every call in flight), each with more than a
+    quarter of the window: all of them finish, and the bytes arrive whole and in order."""
+
+    async def echo(stream: TunnelStream) -> None:
+        await stream.respond(200, [])
+        while chunk := await stream.read():
+            await stream.write(chunk)
+        await stream.end()
+
+    async def writer(stream: TunnelStream, n: int) -> None:
+        stream.send_soon(bytes([65 + n]) * (96 * 1024))
+        if stream.backlogged():
+            await stream.drained()
+
+    async with link_pair(echo) as (link, _):
+        stream = await link.open("PIPE", "/echo", [])
+        await asyncio.wait_for(stream.response, 10)
+        writers = [asyncio.create_task(writer(stream, n)) for n in range(20)]
+        got = b""
+        while len(got) < 20 * 96 * 1024:
+            got += await asyncio.wait_for(stream.read(), 10)
+        await asyncio.wait_for(asyncio.gather(*writers), 10)  # a writer left waiting hangs here
+        assert got == b"".join(bytes([65 + n]) * (96 * 1024) for n in range(20))
 
 
 async def test_token_goes_only_to_the_configured_origin(connector: ConnectorFactory, tmp_path: Path) -> None:

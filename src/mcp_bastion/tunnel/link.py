@@ -136,7 +136,8 @@ class TunnelStream:
         self._ended = False
         self._error: str | None = None
         self._readable: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
+        # Writers waiting for credit: several at once on a PIPE stream (one per call in flight).
+        self._writers: list[asyncio.Future[None]] = []
         self.gone = asyncio.Event()  # set once the stream is reset or this side has ended it
 
     @property
@@ -145,9 +146,9 @@ class TunnelStream:
 
     # ---- fed by the link ---------------------------------------------------------------------------
     def _wake(self) -> None:
-        for fut in (self._readable, self._writable):
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+        self._credit()
 
     def _data(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -158,8 +159,10 @@ class TunnelStream:
         self._wake()
 
     def _credit(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+        writers, self._writers = self._writers, []
+        for fut in writers:
+            if not fut.done():
+                fut.set_result(None)
 
     def _fail(self, reason: str) -> None:
         if self._error is None:
@@ -233,8 +236,9 @@ class TunnelStream:
         while self.link.mux.queued(self.id) > 0:
             if self._error is not None:
                 raise StreamReset(self._error)
-            self._writable = asyncio.get_running_loop().create_future()
-            await self._writable
+            waiter = asyncio.get_running_loop().create_future()
+            self._writers.append(waiter)
+            await waiter
         if self._error is not None:
             raise StreamReset(self._error)
 
