@@ -110,7 +110,10 @@ class Recorder:
         self.fh: TextIO = path.open("a", encoding="utf-8")
 
     def write(self, line: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+        # Paths inside the checkout (command lines, logs) are written relative to it: a committed
+        # run names no directory of the machine it ran on.
+        text = json.dumps(line, separators=(",", ":")).replace(f"{ROOT}/", "")
+        self.fh.write(text + "\n")
         self.fh.flush()
 
     def close(self) -> None:
