@@ -360,31 +360,18 @@ class Link:
         if sid not in self.mux.streams:
             self.streams.pop(sid, None)
 
-    async def open(
-        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None
-    ) -> TunnelStream:
-        """Gateway: open a stream for one request head; with ``body``, also send it and END, in one go
-        (as far as the initial credit allows; the rest is sent by :meth:`TunnelStream.write`)."""
+    async def open(self, method: str, path: str, headers: list[tuple[str, str]]) -> TunnelStream:
+        """Gateway: open a stream (its head); the body follows with :meth:`TunnelStream.write`."""
         if self.closed.is_set():
             raise StreamReset(self.reason or "the link is closed")
         sid, frames = self.mux.open_stream(method, path, headers)
         stream = TunnelStream(self, sid)
         self.streams[sid] = stream
-        if body is not None and len(body) <= self.mux.send_credit(sid):
-            if body:
-                frames += self.mux.send_data(sid, body)
-            frames += self.mux.end(sid)
-            self.forget(sid)
-            stream.gone.set()
-            body = None
         try:
             await self.send_frames(frames)
         except ConnectionError as exc:
             stream._fail(str(exc))
             raise StreamReset(str(exc)) from None
-        if body is not None:
-            await stream.write(body)
-            await stream.end()
         return stream
 
     # ---- running -------------------------------------------------------------------------------------
