@@ -317,7 +317,7 @@ class Hub:
                     route.forward(channel, ev.message, self)
                 elif isinstance(route, CallRoute):
                     if ev.final:
-                        route.queue.put_nowait(("final", ev.message))
+                        route.mailbox.put(("final", ev.message))
                     else:
                         route.deliver(ev.message, ev.related)
             elif isinstance(ev, ServerRequest):
@@ -332,7 +332,7 @@ class Hub:
             return
         route = ev.route
         if isinstance(route, CallRoute) and route.peer.era == "modern":
-            route.queue.put_nowait(("request", ev))
+            route.mailbox.put(("request", ev))
             return
         peer = route.peer if isinstance(route, CallRoute) else self._any_legacy_peer()
         if peer is None or peer.closed:
@@ -598,8 +598,7 @@ class Hub:
             await channel.send(up)
             try:
                 while True:
-                    async with asyncio.timeout(self.request_timeout):  # no task per wait, unlike wait_for
-                        kind, payload = await route.queue.get()
+                    kind, payload = await route.mailbox.get(self.request_timeout)
                     if kind == "final":
                         break
                     # A handshake-era upstream asked a 2026-07-28 client something outside
@@ -690,13 +689,13 @@ class Hub:
             await channel.send(up)
         peer.inflight[down_id] = (channel, held.up_id)
         try:
-            kind, payload = await asyncio.wait_for(route.queue.get(), self.request_timeout)
+            kind, payload = await route.mailbox.get(self.request_timeout)
             # Server requests that arrive together are answered together.
             batch = [(kind, payload)]
             if kind == "request":
                 await asyncio.sleep(0.01)
-                while not route.queue.empty():
-                    batch.append(route.queue.get_nowait())
+                while not route.mailbox.empty():
+                    batch.append(route.mailbox.get_nowait())
         except TimeoutError:
             self.held.pop(held.handle, None)
             await self.cancel(peer, down_id, "timed out")
