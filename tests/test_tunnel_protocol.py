@@ -574,7 +574,7 @@ def test_the_gateway_adopts_the_connectors_heartbeat_within_bounds() -> None:
 )
 def test_pipe_lines_survive_any_chunking(messages: list[dict[str, str]], cuts: list[int]) -> None:
     """However the link cuts the byte stream, the reader gets every message once, whole, in order."""
-    from mcp_bastion.tunnel.pipe import Lines
+    from mcp_bastion.core.lines import Lines
 
     data = b"".join(orjson.dumps(m) + b"\n" for m in messages)
     lines = Lines()
@@ -589,10 +589,36 @@ def test_pipe_lines_survive_any_chunking(messages: list[dict[str, str]], cuts: l
 
 
 def test_pipe_line_without_end_is_refused() -> None:
-    from mcp_bastion.tunnel import pipe
+    """A line that never ends is dropped as it grows past the limit (never buffered whole), and the
+    pipe's reader resets the stream on it."""
+    from mcp_bastion.core.lines import MAX_LINE, Lines
 
-    lines = pipe.Lines()
+    lines = Lines()
     chunk = b"x" * (1024 * 1024)
-    with pytest.raises(ValueError, match="longer than"):
-        for _ in range(pipe.MAX_LINE // len(chunk) + 2):
-            lines.feed(chunk)
+    for _ in range(MAX_LINE // len(chunk) + 2):
+        assert lines.feed(chunk) == []
+    assert lines.dropped == 1
+    assert sum(len(p) for p in lines._parts) == 0
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+    st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=20),
+)
+def test_lines_drop_only_what_is_too_long(pieces: list[bytes], cuts: list[int]) -> None:
+    """With a small limit: every line within it arrives whole and in order, every longer one is
+    dropped and counted, whatever the chunking (a stdio child's overlong line is skipped, not fatal)."""
+    from mcp_bastion.core.lines import Lines
+
+    limit = 10
+    data = b"".join(piece + b"\n" for piece in pieces)
+    lines = Lines(limit)
+    got: list[bytes] = []
+    at, i = 0, 0
+    while at < len(data):
+        size = cuts[i % len(cuts)]
+        got += [line.rstrip(b"\n") for line in lines.feed(data[at : at + size])]
+        at += size
+        i += 1
+    assert got == [p for p in pieces if len(p) <= limit and p.strip()]
+    assert lines.dropped == sum(1 for p in pieces if len(p) > limit)

@@ -56,8 +56,10 @@ def loads(body: bytes | str) -> Any:
 
 
 def _valid_id(value: Any) -> bool:
-    # bool is an int subclass in Python but never a valid JSON-RPC id.
-    return isinstance(value, str | int) and not isinstance(value, bool)
+    # Exact types: bool is an int subclass in Python but never a valid JSON-RPC id (and an
+    # ``isinstance(value, str | int)`` builds a union per call: ~4 % of a gateway's samples).
+    kind = type(value)
+    return kind is str or kind is int
 
 
 def validate(message: Any) -> Message:

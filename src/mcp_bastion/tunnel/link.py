@@ -138,6 +138,8 @@ class TunnelStream:
         self._readable: asyncio.Future[None] | None = None
         # Writers waiting for credit: several at once on a PIPE stream (one per call in flight).
         self._writers: list[asyncio.Future[None]] = []
+        self._soon: list[bytes] = []  # send_soon's bytes of this turn of the loop, not yet framed
+        self._soon_size = 0
         self.gone = asyncio.Event()  # set once the stream is reset or this side has ended it
 
     @property
@@ -202,7 +204,8 @@ class TunnelStream:
                 await self.end()
             return
         try:
-            frames = self.link.mux.send_data(self.id, data)
+            frames = self._take_soon()
+            frames += self.link.mux.send_data(self.id, data)
             if end and self.link.mux.queued(self.id) == 0:
                 frames += self.link.mux.end(self.id)
                 self.link.forget(self.id)
@@ -218,21 +221,38 @@ class TunnelStream:
         await self.drained()
 
     def send_soon(self, data: bytes) -> None:
-        """Queue body bytes to leave at the end of this turn of the loop, with every other frame queued
-        meanwhile, as one WebSocket message: at C=50 a write (a syscall) per message cost a quarter of
-        the gateway's CPU. Bytes beyond the peer's credit wait for it (see :meth:`drained`)."""
+        """Queue body bytes to leave at the end of this turn of the loop: what a stream gathers in one
+        turn becomes one DATA chunk, and it leaves with every other frame queued meanwhile as one
+        WebSocket message (at C=50 a write, a syscall, per message cost a quarter of the gateway's
+        CPU, and a frame per message was the connector's largest cost after that). Bytes beyond the
+        peer's credit wait for it (see :meth:`backlogged`, :meth:`drained`)."""
         if self._error is not None:
             raise StreamReset(self._error)
-        try:
-            frames = self.link.mux.send_data(self.id, data)
-        except p.StreamClosed as exc:
-            raise StreamReset(self._error or str(exc)) from None
-        self.link.kick(frames)
+        if not self._soon:
+            self.link.soon(self)
+        self._soon.append(data)
+        self._soon_size += len(data)
+
+    def _take_soon(self) -> list[bytes]:
+        """Frame what :meth:`send_soon` gathered (before any later bytes of this stream: in order)."""
+        if not self._soon:
+            return []
+        data = b"".join(self._soon)
+        self._soon.clear()
+        self._soon_size = 0
+        return self.link.mux.send_data(self.id, data)
 
     def backlogged(self) -> bool:
-        return self.link.mux.queued(self.id) > 0
+        """More is waiting to be sent than the peer's credit allows: the writer should wait."""
+        mux = self.link.mux
+        return mux.queued(self.id) > 0 or self._soon_size > mux.send_credit(self.id)
 
     async def drained(self) -> None:
+        if self._soon:
+            try:
+                self.link.kick(self._take_soon())
+            except p.StreamClosed as exc:
+                raise StreamReset(self._error or str(exc)) from None
         while self.link.mux.queued(self.id) > 0:
             if self._error is not None:
                 raise StreamReset(self._error)
@@ -246,7 +266,8 @@ class TunnelStream:
         if self._error is not None:
             raise StreamReset(self._error)
         try:
-            frames = self.link.mux.end(self.id)
+            frames = self._take_soon()
+            frames += self.link.mux.end(self.id)
         except p.StreamClosed as exc:
             raise StreamReset(self._error or str(exc)) from None
         self.link.forget(self.id)
@@ -268,6 +289,8 @@ class TunnelStream:
         """Abort the stream (no await: usable from cleanup paths and cancellation)."""
         if self._error is None:
             self._error = reason
+        self._soon.clear()
+        self._soon_size = 0
         self.link.streams.pop(self.id, None)
         self.link.kick(self.link.mux.reset(self.id, reason))
         self.gone.set()
@@ -302,6 +325,7 @@ class Link:
         self._kicker: asyncio.Future[None] | None = None
         self._kick_due = False
         self._queue: list[bytes] = []  # frames taken from the mux, not yet handed to the wire
+        self._soon_streams: list[TunnelStream] = []  # streams whose send_soon bytes are not framed yet
         self._failed: str | None = None  # the wire failed under a send: every later send fails too
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -347,8 +371,19 @@ class Link:
             self._kick_due = True
             asyncio.get_running_loop().call_soon(self._kick_now)
 
+    def soon(self, stream: TunnelStream) -> None:
+        """A stream has bytes from :meth:`TunnelStream.send_soon`: frame them at the end of this turn."""
+        self._soon_streams.append(stream)
+        if not self._kick_due:
+            self._kick_due = True
+            asyncio.get_running_loop().call_soon(self._kick_now)
+
     def _kick_now(self) -> None:
         self._kick_due = False
+        streams, self._soon_streams = self._soon_streams, []
+        for stream in streams:
+            with contextlib.suppress(p.StreamClosed):  # reset meanwhile: its bytes are void
+                self._queue.extend(stream._take_soon())
         if self._queue and not self.closed.is_set() and (self._kicker is None or self._kicker.done()):
             self._kicker = asyncio.ensure_future(self._send_deferred())
 

@@ -21,6 +21,7 @@ import structlog
 
 from ..core import jsonrpc as rpc
 from ..core.forward import Broadcast, Delivery, Event, ServerRequest
+from ..core.lines import Lines
 from ..upstream.base import Channel, Era, Sink, Unreachable, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -33,47 +34,20 @@ log = structlog.get_logger("mcp_bastion.tunnel")
 PIPE_METHOD = "PIPE"
 ERA_HEADER = "mcp-era"
 HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
-MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message on a pipe, as for a stdio child's line
 
 
 def pipe_path(server: str) -> str:
     return f"/servers/{server}/pipe"
 
 
-class Lines:
-    """Newline-delimited messages out of stream chunks (a chunk may hold several, or part of one)."""
-
-    __slots__ = ("_parts", "_size")
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []  # the unfinished line, in pieces (joined once, when it ends)
-        self._size = 0
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        """Whole lines so far; ValueError when a line grows past MAX_LINE (the peer is misbehaving)."""
-        if b"\n" not in chunk:
-            self._parts.append(chunk)
-            self._size += len(chunk)
-            if self._size > MAX_LINE:
-                raise ValueError(f"a message longer than {MAX_LINE} bytes")
-            return []
-        if not self._parts and chunk.endswith(b"\n") and chunk.count(b"\n") == 1:
-            return [chunk]  # the usual case: one whole message
-        if self._parts:
-            self._parts.append(chunk)
-            chunk = b"".join(self._parts)
-        *lines, rest = chunk.split(b"\n")
-        self._parts = [rest] if rest else []
-        self._size = len(rest)
-        if self._size > MAX_LINE:
-            raise ValueError(f"a message longer than {MAX_LINE} bytes")
-        return [line for line in lines if line.strip()]
-
-
 def _retrieve(task: asyncio.Future[None]) -> None:
     """A fire-and-forget write to a child that may be gone: its failure is expected, not logged."""
     if not task.cancelled():
         task.exception()
+
+
+def too_long(lines: Lines) -> str:
+    return f"a message longer than {lines.limit} bytes"
 
 
 def parse(line: bytes) -> rpc.Message | None:
@@ -179,11 +153,12 @@ class TunnelChannel(Channel):
                     message = parse(line)
                     if message is not None:
                         self.received(message)
+                if lines.dropped:  # an endless line: the connector broke the pipe's rules
+                    reason = too_long(lines)
+                    stream.reset(reason)
+                    break
         except StreamReset as exc:
             reason = str(exc)
-        except ValueError as exc:  # an endless line: the connector broke the pipe's rules
-            reason = str(exc)
-            stream.reset(reason)
         if not self.closed:
             self.closed = True  # the hub opens a fresh channel for the next call
             log.warning("tunnel_server_lost", server=self.server, era=self.era, reason=reason)
@@ -278,11 +253,12 @@ class PipeHost:
                     message = parse(line)
                     if message is not None:
                         await self._from_gateway(ch, message)
+                if lines.dropped:  # an endless line: the gateway broke the pipe's rules
+                    log.warning("tunnel_bad_stream", server=self.config.name, error=too_long(lines))
+                    stream.reset(too_long(lines))
+                    break
         except StreamReset:
             pass
-        except ValueError as exc:  # an endless line: the gateway broke the pipe's rules
-            log.warning("tunnel_bad_stream", server=self.config.name, error=str(exc))
-            stream.reset(str(exc))
         finally:
             if self.stream is stream:
                 self._detach("the gateway's stream ended")
