@@ -442,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--payloads", nargs="+", choices=sorted(PAYLOADS), help="override the payload sizes")
     p.add_argument("--eras", nargs="+", choices=("handshake", "modern"), help="override the eras")
     p.add_argument("--idle-sessions", type=int, help="override the idle-session count")
+    p.add_argument(
+        "--calls",
+        type=int,
+        help="measured calls per cell (32 B; 64 KiB cells a third of it): more for steadier ratios",
+    )
     p.add_argument("--out", help="output directory (default bench/results/<date>[-quick|-smoke])")
     p.add_argument("--no-pin", action="store_true", help="do not pin subject and load generator to CPUs")
     p.add_argument("--no-report", action="store_true", help="only write raw.jsonl")
@@ -460,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, eras=tuple(a.eras))
     if a.idle_sessions:
         plan = replace(plan, idle_sessions=a.idle_sessions)
+    if a.calls:
+        plan = replace(plan, calls_small=a.calls, calls_large=max(1, a.calls // 3))
 
     subjects = select(a.subjects, a.upstreams)
     if a.list:

@@ -440,3 +440,44 @@ def test_params_of_and_meta_of_always_give_dicts(value: Any) -> None:
     for msg in ({"params": value}, {"params": {"_meta": value}}):
         assert isinstance(rpc.params_of(msg), dict)
         assert isinstance(rpc.meta_of(msg), dict)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"jsonrpc": "2.0", "id": 1, "method": None, "result": {}},
+        {"jsonrpc": "2.0", "id": 1, "method": None},
+        {"jsonrpc": "2.0", "id": True, "result": {}},
+        {"jsonrpc": "2.0", "id": 1.5, "method": "x"},
+        {"jsonrpc": "2.0", "id": 1, "method": "x", "params": []},
+        {"jsonrpc": "2.0", "id": 1, "result": {}, "error": {"code": 1, "message": "m"}},
+    ],
+)
+def test_validate_fast_path_lets_nothing_malformed_through(message: dict[str, Any]) -> None:
+    with pytest.raises(rpc.ProtocolError) as exc:
+        rpc.validate(message)
+    assert exc.value.code == rpc.INVALID_REQUEST
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5), st.just([])
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["jsonrpc", "id", "method", "params", "result", "error"]),
+        st.one_of(_values, st.just("2.0"), st.dictionaries(st.sampled_from(["code", "message"]), _values)),
+    )
+)
+def test_validate_fast_path_agrees_with_the_full_check(message: dict[str, Any]) -> None:
+    """The exact-type fast path accepts only what the full check accepts."""
+    try:
+        full: Any = rpc._validate(message)
+    except rpc.ProtocolError:
+        full = None
+    try:
+        fast: Any = rpc.validate(message)
+    except rpc.ProtocolError:
+        fast = None
+    assert fast is full

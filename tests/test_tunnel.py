@@ -499,8 +499,7 @@ async def test_many_writers_beyond_the_credit_on_one_stream() -> None:
         await stream.end()
 
     async def writer(stream: TunnelStream, n: int) -> None:
-        stream.send_soon(bytes([65 + n]) * (96 * 1024))
-        if stream.backlogged():
+        if stream.send_soon(bytes([65 + n]) * (96 * 1024)):
             await stream.drained()
 
     async with link_pair(echo) as (link, _):

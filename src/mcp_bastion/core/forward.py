@@ -17,7 +17,7 @@ from . import jsonrpc as rpc
 from .eras import META_SUBSCRIPTION_ID
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A request this channel forwarded and still owes an answer for."""
 
@@ -31,7 +31,7 @@ class Pending:
     accepts_requests: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """A message for a downstream route; ``final`` when it answers the route's request."""
 
@@ -41,7 +41,7 @@ class Delivery:
     final: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class ServerRequest:
     """A request the upstream made of its client (sampling, elicitation, roots).
 
@@ -55,7 +55,7 @@ class ServerRequest:
     message: rpc.Message
 
 
-@dataclass
+@dataclass(slots=True)
 class Broadcast:
     """A notification not tied to any request (list_changed, resources/updated, stray logs)."""
 
@@ -165,7 +165,7 @@ class ChannelState:
 
     def receive(self, message: rpc.Message) -> list[Event]:
         """One message from the upstream: what to deliver, and to whom."""
-        if rpc.is_response(message):
+        if "method" not in message:  # a response (the usual message)
             pend = self._pop(message["id"])
             if pend is None:
                 return []  # answer to a cancelled or timed-out request: dropped on purpose

@@ -51,7 +51,7 @@ class Lines:
         for line in lines:
             if len(line) > self.limit:
                 self.dropped += 1
-            elif line.strip():
+            elif line and not line.isspace():
                 out.append(line)
         return out
 

@@ -140,6 +140,7 @@ class TunnelStream:
         self._writers: list[asyncio.Future[None]] = []
         self._soon: list[bytes] = []  # send_soon's bytes of this turn of the loop, not yet framed
         self._soon_size = 0
+        self._room = 0  # the peer's credit when this turn's first send_soon came
         self.gone = asyncio.Event()  # set once the stream is reset or this side has ended it
 
     @property
@@ -220,18 +221,21 @@ class TunnelStream:
             return
         await self.drained()
 
-    def send_soon(self, data: bytes) -> None:
+    def send_soon(self, data: bytes) -> bool:
         """Queue body bytes to leave at the end of this turn of the loop: what a stream gathers in one
         turn becomes one DATA chunk, and it leaves with every other frame queued meanwhile as one
         WebSocket message (at C=50 a write, a syscall, per message cost a quarter of the gateway's
-        CPU, and a frame per message was the connector's largest cost after that). Bytes beyond the
-        peer's credit wait for it (see :meth:`backlogged`, :meth:`drained`)."""
+        CPU, and a frame per message was the connector's largest cost after that). True when more
+        is waiting than the peer's credit allows: the writer should then wait in :meth:`drained`."""
         if self._error is not None:
             raise StreamReset(self._error)
         if not self._soon:
             self.link.soon(self)
+            mux = self.link.mux  # the room left this turn: read once, not per message
+            self._room = mux.send_credit(self.id) if mux.queued(self.id) == 0 else 0
         self._soon.append(data)
         self._soon_size += len(data)
+        return self._soon_size > self._room
 
     def _take_soon(self) -> list[bytes]:
         """Frame what :meth:`send_soon` gathered (before any later bytes of this stream: in order)."""
@@ -241,11 +245,6 @@ class TunnelStream:
         self._soon.clear()
         self._soon_size = 0
         return self.link.mux.send_data(self.id, data)
-
-    def backlogged(self) -> bool:
-        """More is waiting to be sent than the peer's credit allows: the writer should wait."""
-        mux = self.link.mux
-        return mux.queued(self.id) > 0 or self._soon_size > mux.send_credit(self.id)
 
     async def drained(self) -> None:
         if self._soon:

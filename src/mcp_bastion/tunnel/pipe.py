@@ -68,7 +68,7 @@ class Outbox:
         self._task = asyncio.create_task(self._run())
 
     def put(self, message: rpc.Message) -> None:
-        self._lines.append(orjson.dumps(message) + b"\n")
+        self._lines.append(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
@@ -168,9 +168,8 @@ class TunnelChannel(Channel):
         stream = self.stream
         if stream is None or stream.gone.is_set():
             raise UpstreamUnavailable(self._why(stream.error or "closed") if stream else "not connected")
-        stream.send_soon(orjson.dumps(message) + b"\n")
-        if stream.backlogged():  # beyond the connector's credit: wait until it reads
-            await stream.drained()
+        if stream.send_soon(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)):
+            await stream.drained()  # beyond the connector's credit: wait until it reads
 
     async def _disconnect(self) -> None:
         if self.stream is not None:

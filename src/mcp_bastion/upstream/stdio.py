@@ -168,12 +168,16 @@ class StdioChannel(Channel):
             )
 
     async def _write(self, message: rpc.Message) -> None:
+        data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+        out = self._out
+        if out:  # not the first message of this turn: its checks hold, its flush is due
+            out.append(data)
+            return
         proc = self.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             raise UpstreamUnavailable("is not running")
-        self._out.append(orjson.dumps(message) + b"\n")
-        if len(self._out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush, proc.stdin)
+        out.append(data)
+        asyncio.get_running_loop().call_soon(self._flush, proc.stdin)
         if proc.stdin.transport.get_write_buffer_size() > WRITE_BACKLOG:
             async with self._write_lock:  # the child reads slower than we write: wait for it
                 await proc.stdin.drain()
@@ -181,7 +185,8 @@ class StdioChannel(Channel):
     def _flush(self, stdin: asyncio.StreamWriter) -> None:
         """What was written in one turn of the loop goes to the child in one write: at C=50 a write
         (a syscall) per message was ~14 % of the gateway's CPU (bench/README.md, profile notes)."""
-        data, self._out = b"".join(self._out), []
+        data = b"".join(self._out)
+        self._out.clear()
         with contextlib.suppress(Exception):  # the child is gone: its supervisor fails the calls
             stdin.write(data)
 
