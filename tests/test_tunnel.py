@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,8 @@ from tests.test_concurrency import HEADERS, legacy_session
 from tests.test_conformance import REQUIREMENTS, run_suite
 
 ConnectorFactory = Callable[..., subprocess.Popen[bytes]]
+# A stdio server that answers cancelled calls too, late (the SDK's never do): tests/servers/.
+STUBBORN = str(Path(__file__).parent / "servers" / "stubborn_server.py")
 
 
 def text_of(result: Any) -> str:
@@ -591,12 +594,14 @@ async def test_tunnel_servers_are_protected_like_local_ones(
     assert proc.poll() is None
 
 
+@pytest.mark.parametrize("lists", [True, False], ids=["tool-lists", "late-answers"])
 async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
-    connector: ConnectorFactory, tmp_path: Path
+    connector: ConnectorFactory, tmp_path: Path, lists: bool
 ) -> None:
     """A hostile gateway (here: our own fake on /connect, accepting every token) asks the connector for
     streams and tools it does not offer: 404 for every other stream, hidden tools stay hidden and
-    unknown; and a call cut off by a dropped stream never answers a later caller with the same id."""
+    unknown; and a call cut off by a dropped stream, or cancelled, never answers a later caller with
+    the same id: also when the child sends those late answers (the SDK's servers drop them)."""
     from websockets.asyncio.server import Request
     from websockets.asyncio.server import Response as WsResponse
 
@@ -676,7 +681,8 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
             await first.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
             tools = await first.call(2, "tools/list", {})
             got["tools"] = sorted(t["name"] for t in tools["result"]["tools"])
-            got["crash"] = await first.call(3, "tools/call", {"name": "crash", "arguments": {}})
+            if lists:  # refused by the connector; without lists it would stop the child
+                got["crash"] = await first.call(3, "tools/call", {"name": "crash", "arguments": {}})
             # A slow call as id 7, then the stream drops; the next stream's id 7 must get its own answer.
             await first.send(
                 {
@@ -692,8 +698,22 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
             await second.call(
                 1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
             )
-            answer = await second.call(7, "tools/call", {"name": "echo", "arguments": {"text": "mine"}})
-            got["echo"] = answer["result"]["content"][0]["text"]
+            # The new call with the old id is still running when the old one's answer would come
+            # (the stubborn child sends it; the SDK's drops it): only its own answer may arrive.
+            mine = {"name": "echo", "arguments": {"text": "mine"}}
+            if not lists:
+                mine = {"name": "slow", "arguments": {"seconds": 1.5}}
+            answer = await second.call(7, "tools/call", mine)
+            got["mine"] = answer["result"]["content"][0]["text"]
+            # A call the gateway cancels, then its id reused at once: the new call gets its own answer.
+            slow = {"name": "slow", "arguments": {"seconds": 1}}
+            await second.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": slow})
+            await asyncio.sleep(0.2)
+            await second.send(
+                {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}
+            )
+            again = await second.call(9, "tools/call", mine)
+            got["again"] = again["result"]["content"][0]["text"]
             with contextlib.suppress(TimeoutError):  # the slow call's late answer must not come through
                 got["late"] = await second.next(wait=2.5)
             answers.set_result(got)
@@ -712,18 +732,25 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         fake = RunningGateway(port, None, tmp_path / "none.log")
-        connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": notes_entry(tools={"deny": ["crash"]})})
+        entry = notes_entry(tools={"deny": ["crash"]})
+        if not lists:  # this child answers even cancelled calls, late
+            entry = {"command": sys.executable, "args": [STUBBORN]}
+        connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": entry})
         got = await asyncio.wait_for(answers, 90)
     assert got["offered"] == ["notes"]
     statuses = got["statuses"]
     assert statuses.pop("no era") == 400
     for what, status in statuses.items():
         assert status == 404, (what, status)
-    assert "crash" not in got["tools"] and {"echo", "slow"} <= set(got["tools"])
-    crash = got["crash"]
-    assert crash["error"]["code"] == -32602, crash
-    assert crash["error"]["message"] == "Unknown tool: crash"
-    assert got["echo"] == "mine"
+    assert {"echo", "slow"} <= set(got["tools"])
+    if lists:
+        assert "crash" not in got["tools"]
+        crash = got["crash"]
+        assert crash["error"]["code"] == -32602, crash
+        assert crash["error"]["message"] == "Unknown tool: crash"
+    expected = "mine" if lists else "slept 1.5"
+    assert got["mine"] == expected
+    assert got["again"] == expected
     assert "late" not in got, got["late"]
 
 
