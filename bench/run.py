@@ -413,7 +413,8 @@ def environment() -> dict[str, Any]:
 
 def output_dir(preset: str, out: str | None) -> Path:
     if out:
-        path = Path(out)
+        # Absolute: subjects run in their own work directory under it and are given file paths.
+        path = Path(out).resolve()
     else:
         stamp = dt.date.today().isoformat()
         name = stamp if preset == "full" else f"{stamp}-{preset}"
