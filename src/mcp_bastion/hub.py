@@ -694,8 +694,8 @@ class Hub:
             batch = [(kind, payload)]
             if kind == "request":
                 await asyncio.sleep(0.01)
-                while not route.mailbox.empty():
-                    batch.append(route.mailbox.get_nowait())
+                while route.mailbox.items:
+                    batch.append(route.mailbox.items.popleft())
         except TimeoutError:
             self.held.pop(held.handle, None)
             await self.cancel(peer, down_id, "timed out")

@@ -63,50 +63,51 @@ class Peer:
         return level_index(level) >= level_index(self.log_level)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class Stream:
+    """Messages for one waiter, and a future that says when there are some: a response stream's
+    messages, or what comes back to the handler of one forwarded request (its answer, or a request the
+    upstream makes of the client meanwhile).
 
+    A deque and one waiter future, the deadline a loop timer: no task per wait (task creation was the
+    largest single cost per forwarded call), and ``asyncio.Queue.get`` under ``asyncio.timeout`` was
+    about a tenth of the gateway's samples per call at C=50 (py-spy)."""
 
-class Mailbox:
-    """What comes back to the handler of one forwarded request: its final answer, or a request
-    the upstream makes of the client meanwhile.
-
-    A deque and one waiter, with the deadline as a loop timer: ``asyncio.Queue.get`` under
-    ``asyncio.timeout`` was about a tenth of the gateway's samples per call at C=50 (py-spy)."""
-
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_waiter", "items")
 
     def __init__(self) -> None:
-        self._items: collections.deque[tuple[str, Any]] = collections.deque()
+        self.items: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put(self, item: tuple[str, Any]) -> None:
-        self._items.append(item)
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.wake()
+
+    def signal(self) -> asyncio.Future[None]:
+        """A future done once a message is waiting (at once if one already is), or on :meth:`wake`."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.items:
+            fut.set_result(None)
+        self._waiter = fut
+        return fut
+
+    def wake(self, *_: object) -> None:
+        """Wake whoever waits on :meth:`signal` (a done callback or timer: the caller looks why)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def empty(self) -> bool:
-        return not self._items
-
-    def get_nowait(self) -> tuple[str, Any]:
-        return self._items.popleft()
-
-    async def get(self, seconds: float) -> tuple[str, Any]:
+    async def get(self, seconds: float) -> Any:
         """The next item; TimeoutError when none came within ``seconds``."""
-        if not self._items:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(seconds, _expire, waiter)
+        if not self.items:
+            waiter = self.signal()
+            timer = asyncio.get_running_loop().call_later(seconds, self.wake)
             try:
                 await waiter
             finally:
                 timer.cancel()
-                self._waiter = None
-            if not self._items:
+            if not self.items:
                 raise TimeoutError
-        return self._items.popleft()
+        return self.items.popleft()
 
 
 @dataclass
@@ -116,7 +117,7 @@ class CallRoute:
 
     peer: Peer
     down_id: rpc.RequestId
-    mailbox: Mailbox = field(default_factory=Mailbox)
+    mailbox: Stream = field(default_factory=Stream)  # ("final" | "request", payload)
     modern_log_level: str | None = None
     owner: Any = None  # the hub that forwarded the request
 

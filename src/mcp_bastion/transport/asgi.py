@@ -9,7 +9,6 @@ JSON-RPC envelope, and routing is a dict lookup. Each endpoint path maps to a
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import secrets
@@ -36,7 +35,7 @@ from ..core.eras import (
     unsupported_version,
 )
 from ..hub import Hub
-from ..peers import Peer
+from ..peers import Peer, Stream
 from .security import HostPolicy
 
 if TYPE_CHECKING:
@@ -102,40 +101,6 @@ def sse_event(message: rpc.Message | None, event_id: str | None = None, event: s
         out += b"event: " + event.encode() + b"\n"
     data = orjson.dumps(message) if message is not None else b""
     return out + b"data: " + data + b"\n\n"
-
-
-class Stream:
-    """Messages for one response, and a future that says when there are some.
-
-    A plain future rather than ``Queue.get`` in a task: the hot path creates no task per wait
-    (py-spy showed task creation as the largest single cost per forwarded call).
-    """
-
-    __slots__ = ("_waiter", "items")
-
-    def __init__(self) -> None:
-        self.items: collections.deque[rpc.Message] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put(self, message: rpc.Message) -> None:
-        self.items.append(message)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def signal(self) -> asyncio.Future[None]:
-        """A future done once a message is waiting (at once if one already is), or on :meth:`wake`."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.items:
-            fut.set_result(None)
-        self._waiter = fut
-        return fut
-
-    def wake(self, *_: object) -> None:
-        """Wake whoever waits on :meth:`signal` (a done callback or timer: the caller looks why)."""
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
 
 class EventLog:

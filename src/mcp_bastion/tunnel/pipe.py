@@ -253,8 +253,9 @@ class PipeHost:
                     if message is not None:
                         await self._from_gateway(ch, message)
                 if lines.dropped:  # an endless line: the gateway broke the pipe's rules
-                    log.warning("tunnel_bad_stream", server=self.config.name, error=too_long(lines))
-                    stream.reset(too_long(lines))
+                    reason = too_long(lines)
+                    log.warning("tunnel_bad_stream", server=self.config.name, error=reason)
+                    stream.reset(reason)
                     break
         except StreamReset:
             pass
