@@ -105,6 +105,14 @@ def test_bad_input_gets_clear_errors(notes_gateway: RunningGateway) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == -32601 and r.json()["id"] == 9
     r = httpx.post(url, headers={**modern, "Mcp-Method": "tools/list"}, json=body)
     assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    # A routing header sent twice is refused, even with equal values; other repeated headers are not.
+    twice = [*modern.items(), ("Mcp-Method", "no/such"), ("mcp-method", "no/such")]
+    r = httpx.post(url, headers=twice, json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+    assert "mcp-method" in r.json()["error"]["message"] and r.json()["id"] == 9
+    repeated = [*modern.items(), ("Mcp-Method", "no/such"), ("X-Trace", "a"), ("X-Trace", "b")]
+    r = httpx.post(url, headers=repeated, json=body)
+    assert r.status_code == 404 and r.json()["error"]["code"] == -32601
     r = httpx.post(
         url, headers={**HEADERS, "MCP-Protocol-Version": "2099-01-01", "Mcp-Method": "no/such"}, json=body
     )

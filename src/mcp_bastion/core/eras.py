@@ -74,8 +74,8 @@ _B64_WRAPPED = re.compile(r"^=\?base64\?([A-Za-z0-9+/=]*)\?=$")
 
 def decode_header_value(value: str | None) -> str | None:
     """Undo the spec's ``=?base64?...?=`` wrapping of Mcp-Name / Mcp-Param-* values."""
-    if value is None:
-        return None
+    if value is None or value[:2] != "=?":
+        return value
     match = _B64_WRAPPED.match(value)
     if not match:
         return value

@@ -192,11 +192,21 @@ class ModernExchange(Peer):
             self.stream.put(message)
 
 
+_HEADERS_KEY = "mcp_bastion.headers"
+
+
+def _raw_headers(scope: Scope) -> dict[bytes, bytes]:
+    """Each header's first value by name (lower-case in ASGI), built once per request: a request
+    reads six to eight headers (a scan of the list for each showed in the profiles)."""
+    heads: dict[bytes, bytes] | None = scope.get(_HEADERS_KEY)
+    if heads is None:
+        heads = scope[_HEADERS_KEY] = dict(reversed(list(scope["headers"])))
+    return heads
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return str(v.decode("latin-1"))
-    return None
+    value = _raw_headers(scope).get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _identity(scope: Scope) -> Identity:
@@ -204,9 +214,18 @@ def _identity(scope: Scope) -> Identity:
     return identity
 
 
-def _headers(scope: Scope) -> dict[str, str]:
+def _mcp_headers(scope: Scope) -> dict[str, str]:
+    """The request's ``mcp-*`` headers, which are all the 2026-07-28 checks read; a routing header
+    sent twice is refused (-32020) rather than one of its values picked."""
+    heads = _raw_headers(scope)
+    if len(heads) != len(scope["headers"]):  # some name appears twice: is it a routing one?
+        dup = duplicated_routing_header((k.decode("latin-1"), "") for k, _ in scope["headers"])
+        if dup is not None:
+            raise rpc.ProtocolError(rpc.HEADER_MISMATCH, f"{dup} header appears more than once")
     # HTTP field values carry no leading or trailing whitespace (RFC 9110 5.5).
-    return {k.decode("latin-1").lower(): v.decode("latin-1").strip(" \t") for k, v in scope["headers"]}
+    return {
+        k.decode("latin-1"): v.decode("latin-1").strip(" \t") for k, v in heads.items() if k[:4] == b"mcp-"
+    }
 
 
 def _accepts(accept: str | None) -> tuple[bool, bool]:
@@ -836,11 +855,8 @@ class McpHttpApp:
         if not rpc.is_request(message):
             await respond(send, 202)
             return
-        headers = _headers(scope)
         try:
-            dup = duplicated_routing_header((k.decode("latin-1"), "") for k, _ in scope["headers"])
-            if dup is not None:
-                raise rpc.ProtocolError(rpc.HEADER_MISMATCH, f"{dup} header appears more than once")
+            headers = _mcp_headers(scope)
             envelope = check_modern_request(message, headers)
             if message["method"] == "tools/call":
                 schema = await hub.tool_schema(str(rpc.params_of(message).get("name", "")))
