@@ -594,60 +594,20 @@ async def test_tunnel_servers_are_protected_like_local_ones(
     assert proc.poll() is None
 
 
-@pytest.mark.parametrize("lists", [True, False], ids=["tool-lists", "late-answers"])
-async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
-    connector: ConnectorFactory, tmp_path: Path, lists: bool
-) -> None:
-    """A hostile gateway (here: our own fake on /connect, accepting every token) asks the connector for
-    streams and tools it does not offer: 404 for every other stream, hidden tools stay hidden and
-    unknown; and a call cut off by a dropped stream, or cancelled, never answers a later caller with
-    the same id: also when the child sends those late answers (the SDK's servers drop them)."""
+async def as_fake_gateway(
+    connector: ConnectorFactory,
+    tmp_path: Path,
+    servers: dict[str, Any],
+    scenario: Callable[[Link, p.Hello], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Be the gateway a real connector (with ``servers``) attaches to: our own fake on /connect that
+    takes any token, as a compromised or misbehaving gateway would; returns what ``scenario`` found."""
     from websockets.asyncio.server import Request
     from websockets.asyncio.server import Response as WsResponse
 
-    answers: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    found: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
-    async def status_of(link: Link, method: str, path: str, *headers: tuple[str, str]) -> int:
-        stream = await link.open(method, path, list(headers))
-        await stream.end()
-        head = await asyncio.wait_for(stream.response, 20)
-        while await asyncio.wait_for(stream.read(), 20):
-            pass
-        return head.status
-
-    class Pipe:
-        """The gateway's end of one PIPE stream, spoken by hand."""
-
-        def __init__(self, stream: TunnelStream) -> None:
-            self.stream = stream
-            self.buffer = b""
-
-        async def send(self, message: dict[str, Any]) -> None:
-            await self.stream.write(json.dumps(message).encode() + b"\n")
-
-        async def next(self, wait: float = 20) -> dict[str, Any]:
-            while b"\n" not in self.buffer:
-                chunk = await asyncio.wait_for(self.stream.read(), wait)
-                assert chunk, "the connector ended the stream"
-                self.buffer += chunk
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            message: dict[str, Any] = json.loads(line)
-            return message
-
-        async def call(self, rid: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
-            await self.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
-            while True:
-                message = await self.next()
-                if message.get("id") == rid and "method" not in message:
-                    return message
-
-    async def pipe(link: Link) -> Pipe:
-        stream = await link.open("PIPE", "/servers/notes/pipe", [("mcp-era", "legacy")])
-        head = await asyncio.wait_for(stream.response, 30)
-        assert head.status == 200
-        return Pipe(stream)
-
-    async def hostile(ws: ServerConnection) -> None:
+    async def gateway(ws: ServerConnection) -> None:
         hello: asyncio.Future[p.Event] = asyncio.get_running_loop().create_future()
 
         def control(ev: p.Event) -> None:
@@ -660,83 +620,139 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
             offered = await asyncio.wait_for(hello, 30)
             assert isinstance(offered, p.Hello)
             await link.send_frames(link.mux.welcome(offered.servers, {}))
-            got: dict[str, Any] = {"offered": offered.servers, "statuses": {}}
-            era = ("mcp-era", "legacy")
-            for method, path in (
-                ("POST", "/mcp"),
-                ("GET", "/readyz"),
-                ("POST", "/servers/notes/mcp"),
-                ("PIPE", "/servers/other/pipe"),
-                ("PIPE", "/servers/notes/../x/pipe"),
-                ("PIPE", "/servers/notes/pipe/x"),
-                ("POST", "/servers/notes/pipe"),
-            ):
-                got["statuses"][f"{method} {path}"] = await status_of(link, method, path, era)
-            got["statuses"]["no era"] = await status_of(link, "PIPE", "/servers/notes/pipe")
-            first = await pipe(link)
-            init = await first.call(
-                1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
-            )
-            got["server"] = init["result"]["serverInfo"]["name"]
-            await first.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-            tools = await first.call(2, "tools/list", {})
-            got["tools"] = sorted(t["name"] for t in tools["result"]["tools"])
-            if lists:  # refused by the connector; without lists it would stop the child
-                got["crash"] = await first.call(3, "tools/call", {"name": "crash", "arguments": {}})
-            # A slow call as id 7, then the stream drops; the next stream's id 7 must get its own answer.
-            await first.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": 7,
-                    "method": "tools/call",
-                    "params": {"name": "slow", "arguments": {"seconds": 1}},
-                }
-            )
-            await asyncio.sleep(0.3)
-            first.stream.reset("the gateway went away")
-            second = await pipe(link)
-            await second.call(
-                1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
-            )
-            # The new call with the old id is still running when the old one's answer would come
-            # (the stubborn child sends it; the SDK's drops it): only its own answer may arrive.
-            mine = {"name": "echo", "arguments": {"text": "mine"}}
-            if not lists:
-                mine = {"name": "slow", "arguments": {"seconds": 1.5}}
-            answer = await second.call(7, "tools/call", mine)
-            got["mine"] = answer["result"]["content"][0]["text"]
-            # A call the gateway cancels, then its id reused at once: the new call gets its own answer.
-            slow = {"name": "slow", "arguments": {"seconds": 1}}
-            await second.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": slow})
-            await asyncio.sleep(0.2)
-            await second.send(
-                {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}
-            )
-            again = await second.call(9, "tools/call", mine)
-            got["again"] = again["result"]["content"][0]["text"]
-            with contextlib.suppress(TimeoutError):  # the slow call's late answer must not come through
-                got["late"] = await second.next(wait=2.5)
-            answers.set_result(got)
+            if not found.done():
+                found.set_result(await scenario(link, offered))
         except Exception as exc:  # surface in the test, not in the server's log
-            if not answers.done():
-                answers.set_exception(exc)
+            if not found.done():
+                found.set_exception(exc)
         finally:
             link.stop("done")
             await running
 
     def accept_any(connection: ServerConnection, request: Request) -> WsResponse | None:
-        return None  # a compromised gateway takes whatever token comes
+        return None
 
     async with serve(
-        hostile, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None, process_request=accept_any
+        gateway, "127.0.0.1", 0, max_size=p.MAX_MESSAGE, compression=None, process_request=accept_any
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         fake = RunningGateway(port, None, tmp_path / "none.log")
-        entry = notes_entry(tools={"deny": ["crash"]})
-        if not lists:  # this child answers even cancelled calls, late
-            entry = {"command": sys.executable, "args": [STUBBORN]}
-        connector(fake, "mcpbc_000000000000_" + "x" * 43, {"notes": entry})
-        got = await asyncio.wait_for(answers, 90)
+        connector(fake, "mcpbc_000000000000_" + "x" * 43, servers)
+        return await asyncio.wait_for(found, 90)
+
+
+class GatewayPipe:
+    """The gateway's end of one PIPE stream, spoken by hand (a hostile or a stalled gateway's)."""
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def open(cls, link: Link, server: str = "notes") -> GatewayPipe:
+        stream = await link.open("PIPE", f"/servers/{server}/pipe", [("mcp-era", "legacy")])
+        head = await asyncio.wait_for(stream.response, 30)
+        assert head.status == 200
+        return cls(stream)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.stream.write(json.dumps(message).encode() + b"\n")
+
+    async def next(self, wait: float = 20) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            chunk = await asyncio.wait_for(self.stream.read(), wait)
+            assert chunk, "the connector ended the stream"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def call(self, rid: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        await self.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        while True:
+            message = await self.next()
+            if message.get("id") == rid and "method" not in message:
+                return message
+
+
+@pytest.mark.parametrize("lists", [True, False], ids=["tool-lists", "late-answers"])
+async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
+    connector: ConnectorFactory, tmp_path: Path, lists: bool
+) -> None:
+    """A hostile gateway (here: our own fake on /connect, accepting every token) asks the connector for
+    streams and tools it does not offer: 404 for every other stream, hidden tools stay hidden and
+    unknown; and a call cut off by a dropped stream, or cancelled, never answers a later caller with
+    the same id: also when the child sends those late answers (the SDK's servers drop them)."""
+
+    async def status_of(link: Link, method: str, path: str, *headers: tuple[str, str]) -> int:
+        stream = await link.open(method, path, list(headers))
+        await stream.end()
+        head = await asyncio.wait_for(stream.response, 20)
+        while await asyncio.wait_for(stream.read(), 20):
+            pass
+        return head.status
+
+    async def scenario(link: Link, offered: p.Hello) -> dict[str, Any]:
+        got: dict[str, Any] = {"offered": offered.servers, "statuses": {}}
+        era = ("mcp-era", "legacy")
+        for method, path in (
+            ("POST", "/mcp"),
+            ("GET", "/readyz"),
+            ("POST", "/servers/notes/mcp"),
+            ("PIPE", "/servers/other/pipe"),
+            ("PIPE", "/servers/notes/../x/pipe"),
+            ("PIPE", "/servers/notes/pipe/x"),
+            ("POST", "/servers/notes/pipe"),
+        ):
+            got["statuses"][f"{method} {path}"] = await status_of(link, method, path, era)
+        got["statuses"]["no era"] = await status_of(link, "PIPE", "/servers/notes/pipe")
+        first = await GatewayPipe.open(link)
+        init = await first.call(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
+        )
+        got["server"] = init["result"]["serverInfo"]["name"]
+        await first.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        tools = await first.call(2, "tools/list", {})
+        got["tools"] = sorted(t["name"] for t in tools["result"]["tools"])
+        if lists:  # refused by the connector; without lists it would stop the child
+            got["crash"] = await first.call(3, "tools/call", {"name": "crash", "arguments": {}})
+        # A slow call as id 7, then the stream drops; the next stream's id 7 must get its own answer.
+        await first.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {"name": "slow", "arguments": {"seconds": 1}},
+            }
+        )
+        await asyncio.sleep(0.3)
+        first.stream.reset("the gateway went away")
+        second = await GatewayPipe.open(link)
+        await second.call(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
+        )
+        # The new call with the old id is still running when the old one's answer would come
+        # (the stubborn child sends it; the SDK's drops it): only its own answer may arrive.
+        mine = {"name": "echo", "arguments": {"text": "mine"}}
+        if not lists:
+            mine = {"name": "slow", "arguments": {"seconds": 1.5}}
+        answer = await second.call(7, "tools/call", mine)
+        got["mine"] = answer["result"]["content"][0]["text"]
+        # A call the gateway cancels, then its id reused at once: the new call gets its own answer.
+        slow = {"name": "slow", "arguments": {"seconds": 1}}
+        await second.send({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": slow})
+        await asyncio.sleep(0.2)
+        await second.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}})
+        again = await second.call(9, "tools/call", mine)
+        got["again"] = again["result"]["content"][0]["text"]
+        with contextlib.suppress(TimeoutError):  # the slow call's late answer must not come through
+            got["late"] = await second.next(wait=2.5)
+        return got
+
+    entry = notes_entry(tools={"deny": ["crash"]})
+    if not lists:  # this child answers even cancelled calls, late
+        entry = {"command": sys.executable, "args": [STUBBORN]}
+    got = await as_fake_gateway(connector, tmp_path, {"notes": entry}, scenario)
     assert got["offered"] == ["notes"]
     statuses = got["statuses"]
     assert statuses.pop("no era") == 400
@@ -752,6 +768,54 @@ async def test_a_compromised_gateway_reaches_only_what_the_connector_offers(
     assert got["mine"] == expected
     assert got["again"] == expected
     assert "late" not in got, got["late"]
+
+
+async def test_a_gateway_that_stops_reading_is_held_off(connector: ConnectorFactory, tmp_path: Path) -> None:
+    """A gateway that sends calls but reads no answers (stalled, or hostile) cannot make the connector
+    hold more than a bounded backlog: once its outbox is full the connector reads no more requests, so
+    the gateway's writes stop for lack of credit. Nothing is lost: when the gateway reads again, every
+    call it managed to send is answered, and the stream goes on."""
+    text = "x" * (64 * 1024)  # each answer carries it back
+
+    async def scenario(link: Link, offered: p.Hello) -> dict[str, Any]:
+        pipe = await GatewayPipe.open(link)
+        await pipe.call(
+            1, "initialize", {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {}}
+        )
+        await pipe.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for rid in range(10, 14):  # in flight through the hold, reporting progress 10 times a second
+            slow = {"name": "slow", "arguments": {"seconds": 6}, "_meta": {"progressToken": rid}}
+            await pipe.send({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": slow})
+        sent = 0
+        for rid in range(100, 500):  # 25 MiB of answers, were they all taken
+            call = {"name": "echo", "arguments": {"text": f"{rid}:{text}"}}
+            write = pipe.send({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": call})
+            sent += 1  # once written it is queued on the link, credit or not: it will arrive
+            try:
+                await asyncio.wait_for(write, 3)
+            except TimeoutError:
+                break
+        answered: dict[int, str] = {}
+        progress = 0
+        while len(answered) < sent + 4:
+            message = await pipe.next()
+            if "id" in message:
+                answered[message["id"]] = message["result"]["content"][0]["text"]
+            elif message.get("method") == "notifications/progress":
+                progress += 1
+        after = await pipe.call(2, "tools/call", {"name": "echo", "arguments": {"text": "after"}})
+        answer = after["result"]["content"][0]["text"]
+        return {"sent": sent, "answered": answered, "progress": progress, "after": answer}
+
+    got = await as_fake_gateway(connector, tmp_path, {"notes": notes_entry()}, scenario)
+    # Held off after the outbox's 4 MiB, the link's windows and the pipes' buffers: far below 400.
+    assert 40 <= got["sent"] < 150, got["sent"]
+    echoed = {rid: f"{rid}:{text}" for rid in range(100, 100 + got["sent"])}
+    assert got["answered"] == {**echoed, **{rid: "done" for rid in range(10, 14)}}
+    assert got["after"] == "after"
+    # The slow calls' progress during the hold (3 s at least) was dropped, and said so.
+    assert got["progress"] < 4 * 60 - 50, got["progress"]
+    assert "tunnel_notifications_dropped" in connector_log(tmp_path, 0)
 
 
 async def test_tls_is_verified_against_the_given_ca(gateway: GatewayFactory, tmp_path: Path) -> None:

@@ -58,19 +58,54 @@ def parse(line: bytes) -> rpc.Message | None:
         return None
 
 
-class Outbox:
-    """Messages for one stream, written in order by one writer task (sinks cannot await)."""
+OUTBOX_LIMIT = 4 * 1024 * 1024  # bytes waiting for a gateway that does not read, before it is held off
 
-    def __init__(self, stream: TunnelStream) -> None:
+
+class Outbox:
+    """Messages for one stream, written in order by one writer task (sinks cannot await).
+
+    Bounded, because a gateway may stop reading (stalled, or hostile): once ``limit`` bytes wait,
+    :meth:`room` holds the connector's reading of the gateway's requests (so their answers stop
+    growing, and the gateway's writes stop for lack of credit), and the child's notifications are
+    dropped, counted, until the gateway reads again. Answers and the child's own requests are never
+    dropped: they are bounded by the requests read before the hold."""
+
+    def __init__(self, stream: TunnelStream, limit: int = OUTBOX_LIMIT) -> None:
         self.stream = stream
+        self.limit = limit
+        self.size = 0  # bytes queued or being written
+        self.dropped = 0  # notifications dropped in the current hold
         self._lines: list[bytes] = []
         self._wake: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
         self._task = asyncio.create_task(self._run())
+        self._task.add_done_callback(lambda _: self._open())
 
     def put(self, message: rpc.Message) -> None:
-        self._lines.append(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
+        data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+        if self.size >= self.limit and "id" not in message:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("tunnel_gateway_not_reading", queued=self.size, dropping="notifications")
+            return
+        self._lines.append(data)
+        self.size += len(data)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+    async def room(self) -> None:
+        """Return once fewer than ``limit`` bytes wait (at once if the stream is gone)."""
+        while self.size >= self.limit and not self._task.done():
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _open(self) -> None:
+        if self.dropped:
+            log.warning("tunnel_notifications_dropped", count=self.dropped)
+            self.dropped = 0
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     async def _run(self) -> None:
         from .link import StreamReset
@@ -83,6 +118,9 @@ class Outbox:
                     continue
                 data, self._lines = b"".join(self._lines), []
                 await self.stream.write(data)  # messages that queued meanwhile leave in one frame
+                self.size -= len(data)
+                if self.size < self.limit:
+                    self._open()
 
     def close(self) -> None:
         self._task.cancel()
@@ -243,11 +281,15 @@ class PipeHost:
         if self.stream is not None:
             self._detach("replaced by a newer stream from the gateway")
         self.stream = stream
-        self.outbox = Outbox(stream)
+        self.outbox = outbox = Outbox(stream)
         await stream.respond(200, [("content-type", "application/x-ndjson")])  # joins the first answer
         lines = Lines()
         try:
-            while chunk := await stream.read():
+            while True:
+                await outbox.room()  # a gateway that does not read its answers gets no more read
+                chunk = await stream.read()
+                if not chunk:
+                    break
                 for line in lines.feed(chunk):
                     message = parse(line)
                     if message is not None:
