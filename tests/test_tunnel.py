@@ -350,6 +350,39 @@ async def test_revoked_connector_is_cut_off(
     assert answer["error"]["code"] == -31000
     listed = json.loads(bastion(tmp_path, "connectors", "list", "--json").stdout)
     assert listed[0]["attached"] is False and listed[0]["revoked_at"]
+    # Its server is no longer its own: not ready, and another connector may bring it.
+    notes = readyz(gw)["servers"]["notes"]
+    assert notes == {"ready": False, "error": "no connector offers this server now"}, notes
+    connector(gw, add_connector(tmp_path, "desk"), {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "desk", "notes"), "another connector brought the revoked one's server")
+    assert readyz(gw)["servers"]["notes"]["connector"] == "desk"
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await legacy_call(client, f"{gw.base}/servers/notes/mcp", "echo", {"text": "desk"})
+    assert answer["result"]["content"][0]["text"] == "desk"
+
+
+async def test_a_connector_revoked_while_offline_releases_its_servers(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path
+) -> None:
+    """Revoked while its link is down: its servers are released all the same (before, a name stayed
+    owned by a revoked connector until the gateway restarted)."""
+    gw = gateway("serve", "--config", str(servers_file(tmp_path, {"local": notes_entry()})))
+    proc = connector(gw, add_connector(tmp_path, "laptop"), {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "laptop", "notes"), "the connector attached")
+    stop_process(proc)
+    wait_until(lambda: "laptop" not in readyz(gw)["connectors"], "the connector went away")
+    assert readyz(gw)["servers"]["notes"] == {
+        "ready": False,
+        "connector": "laptop",
+        "error": "connector 'laptop' is offline",
+    }
+    bastion(tmp_path, "connectors", "revoke", "laptop")
+    wait_until(lambda: "connector" not in readyz(gw)["servers"]["notes"], "the server was released")
+    connector(gw, add_connector(tmp_path, "desk"), {"notes": notes_entry()})
+    wait_until(lambda: attached(gw, "desk", "notes"), "another connector brought the server")
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await legacy_call(client, f"{gw.base}/servers/notes/mcp", "echo", {"text": "desk"})
+    assert answer["result"]["content"][0]["text"] == "desk"
 
 
 def test_duplicate_server_names_are_refused(

@@ -18,7 +18,7 @@ from .hub import Hub, ServerEntry
 from .transport.asgi import McpHttpApp
 from .transport.security import HostPolicy
 from .tunnel.protocol import MAX_MESSAGE
-from .tunnel.relay import Relay
+from .tunnel.relay import Relay, offline
 from .upstream.base import Channel, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -143,9 +143,9 @@ class Gateway:
             connector = self.relay.owner(name)
             if connector is not None:
                 report["connector"] = connector
-                if not self.relay.online(name):
-                    report["ready"] = False
-                    report["error"] = f"connector {connector!r} is offline"
+            if self.entries[name].config.transport == "tunnel" and not self.relay.online(name):
+                report["ready"] = False
+                report["error"] = offline(connector)
         return {
             "ready": all(s["ready"] for s in servers.values()),
             "servers": servers,

@@ -139,7 +139,7 @@ class TunnelChannel(Channel):
     def __init__(self, server: str, era: Era, sink: Sink, registry: TunnelRegistry, timeout: float) -> None:
         super().__init__(server, era, sink, handshake_timeout=timeout)
         self.registry = registry
-        self.connector = "?"
+        self.connector: str | None = None
         self.stream: TunnelStream | None = None
         self._reader: asyncio.Task[None] | None = None
 

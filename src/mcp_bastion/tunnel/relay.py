@@ -48,7 +48,9 @@ def tunnel_url(server: str) -> str:
     return f"http://{TUNNEL_HOST}/servers/{server}/mcp"
 
 
-def offline(connector: str) -> str:
+def offline(connector: str | None) -> str:
+    if connector is None:  # its connector was revoked, and no other has brought it since
+        return "no connector offers this server now"
     return f"connector {connector!r} is offline"
 
 
@@ -72,10 +74,17 @@ class TunnelRegistry:
         self.owners: dict[str, str] = {}  # server name -> connector name (kept across drops)
         self.attached: dict[str, Attached] = {}  # connector name -> live link
 
-    def route(self, server: str) -> tuple[str, Link | None]:
-        connector = self.owners.get(server, "?")
-        found = self.attached.get(connector)
+    def route(self, server: str) -> tuple[str | None, Link | None]:
+        connector = self.owners.get(server)
+        found = None if connector is None else self.attached.get(connector)
         return connector, (found.link if found is not None and not found.link.closed.is_set() else None)
+
+    def release(self, connector: str) -> list[str]:
+        """A revoked connector's servers stop being its own: another connector may bring them."""
+        released = [server for server, owner in self.owners.items() if owner == connector]
+        for server in released:
+            del self.owners[server]
+        return released
 
     def online(self, server: str) -> bool:
         return self.route(server)[1] is not None
@@ -273,7 +282,13 @@ class Relay:
             elif owner is not None:
                 refused[server] = f"server {server!r} is already offered by connector {owner!r}"
             elif server in self.gateway.entries:
-                refused[server] = f"the gateway already has a server named {server!r} (configured locally)"
+                if self.gateway.entries[server].config.transport == "tunnel":  # its connector was revoked
+                    self.registry.owners[server] = name
+                    accepted.append(server)
+                else:
+                    refused[server] = (
+                        f"the gateway already has a server named {server!r} (configured locally)"
+                    )
             elif self.gateway.single:
                 refused[server] = "this gateway serves a single server (expose); use serve for connectors"
             else:
@@ -283,6 +298,11 @@ class Relay:
         for server, reason in refused.items():
             log.warning("connector_server_refused", connector=name, server=server, reason=reason)
         return accepted, refused
+
+    def _release(self, connector: str) -> None:
+        released = self.registry.release(connector)
+        if released:
+            log.info("connector_servers_released", connector=connector, servers=released)
 
     def _warm(self, server: str) -> None:
         """Open the server's channel now (as start_upstreams does), so readiness shows at once."""
@@ -318,6 +338,12 @@ class Relay:
                     if record is None or record.revoked_at is not None:
                         log.warning("connector_revoked", connector=attached.name)
                         await attached.link.close("the connector was revoked", 1008)
+                        self._release(attached.name)
+                away = {c for c in self.registry.owners.values() if c not in self.registry.attached}
+                if away:  # revoked while offline: their servers are released too
+                    active = {c.name for c in await store.list_connectors() if c.revoked_at is None}
+                    for name in away - active:
+                        self._release(name)
                 if since_seen >= seen_every:
                     since_seen = 0.0
                     await store.connector_seen([a.connector_id for a in self.registry.attached.values()])
