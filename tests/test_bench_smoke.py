@@ -202,6 +202,21 @@ def test_stdio_upstream(script: str) -> None:
     assert modern[2]["result"]["content"][0]["text"] == "modern"
 
 
+def test_stdio_alone_drives_both_upstreams_in_both_eras(tmp_path: Path) -> None:
+    """``bench.stdio_alone`` (the upstream with no bridge: the floor under every bridge) runs, and
+    verifies what it counts."""
+    out = tmp_path / "alone.jsonl"
+    cmd = [sys.executable, "-m", "bench.stdio_alone", "--rounds", "1", "--calls", "30", "-c", "1", "3"]
+    done = subprocess.run([*cmd, "--no-pin", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cells = {(r["upstream"], r["era"], r["concurrency"]) for r in rows}
+    assert cells == {(u, e, c) for u in ("sdk", "raw") for e in ("handshake", "modern") for c in (1, 3)}
+    for row in rows:
+        assert row["ok"] == row["calls"] > 0 and row["bad"] == 0 and row["throughput"] > 0, row
+    assert "| `sdk` | modern | 3 |" in done.stdout.decode()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
