@@ -504,7 +504,12 @@ def markdown(res: Results) -> str:
         f"- date: {env.get('date')}; git {env.get('git')}; "
         f"preset `{res.meta.get('preset')}`, {rounds} round(s)",
         f"- machine: {env.get('cpus')} × {env.get('cpu')}; pinned: {res.meta.get('pinned')}"
-        " (subject + upstream on CPU 0, load generator on CPU 1)",
+        + (
+            " (subject + upstream on CPU 0, load generator on CPU 1)"
+            if res.meta.get("upstream_cpu") is None
+            else " (subject on CPU 0; upstreams and the tunnel's connector on CPU "
+            f"{res.meta['upstream_cpu']}, load generator on CPU 1)"
+        ),
         f"- Python {env.get('python')}, Node {env.get('node')}; packages {env.get('packages')}",
         f"- peers: {env.get('peers')}",
         f"- command: `{env.get('command')}`\n",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench import report
+from bench import subjects as subjects_module
 from bench.subjects import BENCH, PEERS, ROOT, UPSTREAM_KINDS, Running, Subject, SubjectError, select
 
 SUBJECT_CPU = 0
@@ -450,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", help="output directory (default bench/results/<date>[-quick|-smoke])")
     p.add_argument("--no-pin", action="store_true", help="do not pin subject and load generator to CPUs")
+    p.add_argument(
+        "--upstream-cpu",
+        type=int,
+        help="pin every stdio upstream (and the tunnel's connector) to this CPU instead of the subject's: "
+        "the gateway alone on its core, as deployed (1 shares the load generator's)",
+    )
     p.add_argument("--no-report", action="store_true", help="only write raw.jsonl")
     p.add_argument("--list", action="store_true", help="list the subjects and exit")
     a = p.parse_args(argv)
@@ -486,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     out = output_dir(preset, a.out)
     work = out / "logs"
+    if a.upstream_cpu is not None:
+        subjects_module.UPSTREAM_CPU = a.upstream_cpu
     meta = {"preset": preset, "plan": asdict(plan), "pinned": pin, "subjects": [s.name for s in subjects]}
+    meta["upstream_cpu"] = a.upstream_cpu
     meta["environment"] = environment()
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log(f"{preset} run of {len(subjects)} subjects, {plan.rounds} round(s) -> {out}")

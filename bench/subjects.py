@@ -51,10 +51,21 @@ UPSTREAMS = BENCH / "upstreams"
 UPSTREAM_KINDS = ("sdk", "raw")
 
 
+# ``run.py --upstream-cpu N``: every stdio upstream (and the tunnel's connector, which is the private
+# side too) runs pinned to CPU N instead of sharing the subject's CPU: the gateway measured alone on
+# its core, as deployed with the upstream on other machines. None: all on the subject's CPU.
+UPSTREAM_CPU: int | None = None
+
+
+def apart(argv: list[str]) -> list[str]:
+    """``argv`` pinned to ``UPSTREAM_CPU`` when it is set (``taskset`` re-pins what inherited CPU 0)."""
+    return argv if UPSTREAM_CPU is None else ["taskset", "-c", str(UPSTREAM_CPU), *argv]
+
+
 def upstream_command(kind: str) -> list[str]:
     """The stdio upstream every bridge runs, in the bench's own interpreter (it has ``mcp``)."""
     script = {"sdk": "sdk_echo.py", "raw": "raw_echo.py"}[kind]
-    return [sys.executable, str(UPSTREAMS / script)]
+    return apart([sys.executable, str(UPSTREAMS / script)])
 
 
 def bastion_command() -> list[str]:
@@ -169,7 +180,9 @@ def _bastion_tunnel(kind: str) -> Callable[[int, Path], Launch]:
             "--data-dir",
             str(data),
         ]
-        connect = [*bastion_command(), "connect", f"http://127.0.0.1:{port}", "--config", str(connector_cfg)]
+        connect = apart(
+            [*bastion_command(), "connect", f"http://127.0.0.1:{port}", "--config", str(connector_cfg)]
+        )
         return Launch(
             ["sh", "-c", f"{shlex.join(connect)} & exec {shlex.join(serve)}"],
             path="/servers/echo/mcp",

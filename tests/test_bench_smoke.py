@@ -38,7 +38,7 @@ BASTION_SUBJECTS = [
 ]
 
 
-def run_bench(out: Path, *subjects: str) -> list[dict[str, Any]]:
+def run_bench(out: Path, *subjects: str, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     cmd = [
         sys.executable,
         "-m",
@@ -49,6 +49,7 @@ def run_bench(out: Path, *subjects: str) -> list[dict[str, Any]]:
         str(out),
         "--subjects",
         *subjects,
+        *extra,
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
@@ -108,14 +109,17 @@ def test_bench_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("upstream", ["sdk", "raw"])
 def test_bench_tunnel_subject(tmp_path: Path, upstream: str) -> None:
-    """``bastion-tunnel/U`` (serve + connect on loopback) and the report's comparison with the direct path."""
+    """``bastion-tunnel/U`` (serve + connect on loopback) and the report's comparison with the direct path;
+    with the raw upstream also ``--upstream-cpu`` (upstreams and the connector pinned apart)."""
     out = tmp_path / "out"
     tunnel, direct = f"bastion-tunnel/{upstream}", f"bastion-single/{upstream}"
-    rows = run_bench(out, tunnel, direct)
+    apart = upstream == "raw"
+    rows = run_bench(out, tunnel, direct, extra=("--upstream-cpu", "0") if apart else ())
     check_subject(rows, tunnel)
     check_subject(rows, direct)
     start = next(r for r in rows if r["subject"] == tunnel and r["scenario"] == "start")
     assert "connect" in start["argv"][-1]  # the connector runs in the subject's own process tree
+    assert ("taskset -c 0" in start["argv"][-1]) == apart
     assert len(start["idle_tree"]) >= 3  # gateway, connector, upstream
     subprocess.run(
         [sys.executable, "-m", "bench.report", str(out), "--no-plots"],
@@ -125,6 +129,7 @@ def test_bench_tunnel_subject(tmp_path: Path, upstream: str) -> None:
         timeout=120,
     )
     text = (out / "results.md").read_text(encoding="utf-8")
+    assert ("upstreams and the tunnel's connector on CPU 0" in text) == apart
     section = text.split("## The tunnel path (issue 5)", 1)[1].split("\n## ", 1)[0]
     for era in ("handshake", "modern"):
         assert f"| `{tunnel}` | {era} |" in section, section
