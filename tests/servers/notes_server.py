@@ -56,6 +56,16 @@ async def slow(seconds: float, ctx: Context) -> str:
 
 
 @mcp.tool()
+async def chatter(count: int, size: int, delay: float, ctx: Context) -> str:
+    """After ``delay`` seconds, report progress ``count`` times at once, each with a message of
+    ``size`` bytes (a child that floods its client with notifications)."""
+    await asyncio.sleep(delay)
+    for i in range(count):
+        await ctx.report_progress(progress=i, total=count, message="c" * size)
+    return "chattered"
+
+
+@mcp.tool()
 def whoami() -> str:
     """The NOTES_ACCOUNT variable the gateway passed (to tell per-user credentials apart)."""
     return os.environ.get("NOTES_ACCOUNT", "")

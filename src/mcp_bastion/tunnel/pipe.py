@@ -59,22 +59,28 @@ def parse(line: bytes) -> rpc.Message | None:
 
 
 OUTBOX_LIMIT = 4 * 1024 * 1024  # bytes waiting for a gateway that does not read, before it is held off
+NOTICE_LIMIT = 1024 * 1024  # bytes of notifications waiting behind a write that does not finish
 
 
 class Outbox:
     """Messages for one stream, written in order by one writer task (sinks cannot await).
 
-    Bounded, because a gateway may stop reading (stalled, or hostile): once ``limit`` bytes wait,
-    :meth:`room` holds the connector's reading of the gateway's requests (so their answers stop
-    growing, and the gateway's writes stop for lack of credit), and the child's notifications are
-    dropped, counted, until the gateway reads again. Answers and the child's own requests are never
-    dropped: they are bounded by the requests read before the hold."""
+    Bounded, because a gateway may stop reading (stalled, or hostile): once ``limit`` bytes wait or
+    are being written, :meth:`room` holds the connector's reading of the gateway's requests (so the
+    answers owed stop growing, and the gateway's writes stop for lack of credit); answers and the
+    child's own requests are never dropped. Notifications, which the child may send without end,
+    are dropped (and counted) once ``notice_limit`` bytes of them wait behind a write that does not
+    finish; a large answer that is being read meanwhile does not count against them."""
 
-    def __init__(self, stream: TunnelStream, limit: int = OUTBOX_LIMIT) -> None:
+    def __init__(
+        self, stream: TunnelStream, limit: int = OUTBOX_LIMIT, notice_limit: int = NOTICE_LIMIT
+    ) -> None:
         self.stream = stream
         self.limit = limit
+        self.notice_limit = notice_limit
         self.size = 0  # bytes queued or being written
-        self.dropped = 0  # notifications dropped in the current hold
+        self.dropped = 0  # notifications dropped behind the current write
+        self._notices = 0  # bytes of notifications queued behind the current write
         self._lines: list[bytes] = []
         self._wake: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
@@ -83,11 +89,13 @@ class Outbox:
 
     def put(self, message: rpc.Message) -> None:
         data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
-        if self.size >= self.limit and "id" not in message:
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("tunnel_gateway_not_reading", queued=self.size, dropping="notifications")
-            return
+        if "id" not in message:
+            if self._notices >= self.notice_limit:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("tunnel_gateway_not_reading", queued=self.size, dropping="notifications")
+                return
+            self._notices += len(data)
         self._lines.append(data)
         self.size += len(data)
         if self._wake is not None and not self._wake.done():
@@ -101,9 +109,6 @@ class Outbox:
             await self._room
 
     def _open(self) -> None:
-        if self.dropped:
-            log.warning("tunnel_notifications_dropped", count=self.dropped)
-            self.dropped = 0
         if self._room is not None and not self._room.done():
             self._room.set_result(None)
 
@@ -116,7 +121,10 @@ class Outbox:
                     self._wake = asyncio.get_running_loop().create_future()
                     await self._wake
                     continue
-                data, self._lines = b"".join(self._lines), []
+                data, self._lines, self._notices = b"".join(self._lines), [], 0
+                if self.dropped:
+                    log.warning("tunnel_notifications_dropped", count=self.dropped)
+                    self.dropped = 0
                 await self.stream.write(data)  # messages that queued meanwhile leave in one frame
                 self.size -= len(data)
                 if self.size < self.limit:
