@@ -40,14 +40,24 @@ class Lines:
             if len(chunk) > self.limit + 1:
                 return self._drop_whole()
             return [] if chunk.isspace() else [chunk]
-        if self._parts:
-            self._parts.append(chunk)
-            chunk = b"".join(self._parts)
+        out: list[bytes] = []
+        if self._parts:  # the held line ends here: joined in one copy (a big message spans chunks)
+            at = chunk.find(b"\n")
+            if self._size + at > self.limit:
+                self.dropped += 1
+            else:
+                line = b"".join([*self._parts, memoryview(chunk)[:at]])
+                if not line.isspace():
+                    out.append(line)
             self._parts, self._size = [], 0
+            chunk = chunk[at + 1 :]
+            if b"\n" not in chunk:
+                if chunk:
+                    self._hold(chunk)
+                return out
         *lines, rest = chunk.split(b"\n")
         if rest:
             self._hold(rest)
-        out = []
         for line in lines:
             if len(line) > self.limit:
                 self.dropped += 1
