@@ -571,13 +571,17 @@ def test_the_gateway_adopts_the_connectors_heartbeat_within_bounds() -> None:
 @given(
     st.lists(st.dictionaries(st.text(max_size=8), st.text(max_size=40), max_size=4), min_size=1, max_size=12),
     st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40),
+    st.sampled_from([0, 48, 16 * 1024]),
 )
-def test_pipe_lines_survive_any_chunking(messages: list[dict[str, str]], cuts: list[int]) -> None:
-    """However the link cuts the byte stream, the reader gets every message once, whole, in order."""
+def test_pipe_lines_survive_any_chunking(
+    messages: list[dict[str, str]], cuts: list[int], copy_below: int
+) -> None:
+    """However the link cuts the byte stream, the reader gets every message once, whole, in order
+    (lines as copies or as views of their chunk: ``copy_below`` 0 takes views of every chunk)."""
     from mcp_bastion.core.lines import Lines
 
     data = b"".join(orjson.dumps(m) + b"\n" for m in messages)
-    lines = Lines()
+    lines = Lines(copy_below=copy_below)
     got: list[Any] = []
     at, i = 0, 0
     while at < len(data):
@@ -603,21 +607,23 @@ def test_pipe_line_without_end_is_refused() -> None:
 
 @given(
     st.lists(st.binary(min_size=1, max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=12),
-    st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=20),
+    st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=20),
+    st.sampled_from([0, 8, 16 * 1024]),
 )
-def test_lines_drop_only_what_is_too_long(pieces: list[bytes], cuts: list[int]) -> None:
+def test_lines_drop_only_what_is_too_long(pieces: list[bytes], cuts: list[int], copy_below: int) -> None:
     """With a small limit: every line within it arrives whole and in order, every longer one is
-    dropped and counted, whatever the chunking (a stdio child's overlong line is skipped, not fatal)."""
+    dropped and counted, whatever the chunking (a stdio child's overlong line is skipped, not fatal);
+    blank and whitespace-only lines are skipped; alike as copies and as views."""
     from mcp_bastion.core.lines import Lines
 
     limit = 10
     data = b"".join(piece + b"\n" for piece in pieces)
-    lines = Lines(limit)
+    lines = Lines(limit, copy_below=copy_below)
     got: list[bytes] = []
     at, i = 0, 0
     while at < len(data):
         size = cuts[i % len(cuts)]
-        got += [line.rstrip(b"\n") for line in lines.feed(data[at : at + size])]
+        got += [bytes(line).rstrip(b"\n") for line in lines.feed(data[at : at + size])]
         at += size
         i += 1
     assert got == [p for p in pieces if len(p) <= limit and p.strip()]

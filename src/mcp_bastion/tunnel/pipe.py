@@ -21,7 +21,7 @@ import structlog
 
 from ..core import jsonrpc as rpc
 from ..core.forward import Broadcast, Delivery, Event, ServerRequest
-from ..core.lines import Lines
+from ..core.lines import Line, Lines
 from ..upstream.base import Channel, Era, Sink, Unreachable, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def too_long(lines: Lines) -> str:
     return f"a message longer than {lines.limit} bytes"
 
 
-def parse(line: bytes) -> rpc.Message | None:
+def parse(line: Line) -> rpc.Message | None:
     try:
         return rpc.validate(orjson.loads(line))
     except (orjson.JSONDecodeError, rpc.ProtocolError) as exc:
