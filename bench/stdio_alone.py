@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 import orjson
-import psutil
 
+from bench.loadgen import TreeMonitor, make_text, percentiles, reply_text
 from bench.subjects import UPSTREAM_KINDS, upstream_command
 
 UPSTREAM_CPU, DRIVER_CPU = 0, 1
@@ -96,17 +96,6 @@ class Upstream:
         self.reader.cancel()
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        proc = psutil.Process(pid)
-        total = sum(proc.cpu_times()[:2])
-        for child in proc.children(recursive=True):
-            total += sum(child.cpu_times()[:2])
-        return total
-    except psutil.NoSuchProcess:
-        return 0.0
-
-
 async def cell(kind: str, era: str, concurrency: int, calls: int, pin: bool) -> dict[str, Any]:
     """One measured cell on a fresh upstream: C callers, ``calls`` verified calls in all."""
     up = await Upstream.start(kind, pin)
@@ -120,21 +109,21 @@ async def cell(kind: str, era: str, concurrency: int, calls: int, pin: bool) -> 
             }
             await up.request(next(ids), "initialize", init)
             up.notify("notifications/initialized")
-        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        run = f"{os.getpid()}-{time.monotonic_ns()}"
         latencies: list[float] = []
         bad = 0
 
         async def call(caller: int, n: int, measured: bool) -> None:
             nonlocal bad
-            text = f"<{tag}:{caller}:{n}>" + "x" * 8 + f"<{caller}:{n}>"
+            text = make_text(run, caller, n, 32)
             params: dict[str, Any] = {"name": "echo", "arguments": {"text": text}}
             if era == "modern":
                 params["_meta"] = META
             t0 = time.perf_counter()
             answer = await up.request(next(ids), "tools/call", params)
             took = time.perf_counter() - t0
-            content = (answer.get("result") or {}).get("content") or [{}]
-            if content[0].get("text") != text:
+            result = answer.get("result")
+            if not isinstance(result, dict) or reply_text(result) != text:
                 bad += 1
             elif measured:
                 latencies.append(took)
@@ -145,15 +134,11 @@ async def cell(kind: str, era: str, concurrency: int, calls: int, pin: bool) -> 
 
         await asyncio.gather(*(call(c, -1, measured=False) for c in range(concurrency)))  # warm-up
         per_caller = max(1, calls // concurrency)
-        cpu0, t0 = cpu_seconds(up.proc.pid), time.perf_counter()
+        tree = TreeMonitor(up.proc.pid)
+        cpu0, t0 = tree.cpu_seconds(), time.perf_counter()
         await asyncio.gather(*(caller(c, per_caller) for c in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(up.proc.pid) - cpu0
+        elapsed, cpu = time.perf_counter() - t0, tree.cpu_seconds() - cpu0
         done = len(latencies)
-        latencies.sort()
-
-        def pct(q: float) -> float:
-            return round(latencies[min(done - 1, int(q * done))] * 1000, 4) if done else 0.0
-
         return {
             "upstream": kind,
             "era": era,
@@ -162,7 +147,7 @@ async def cell(kind: str, era: str, concurrency: int, calls: int, pin: bool) -> 
             "ok": done,
             "bad": bad,
             "throughput": round(done / elapsed, 2),
-            "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)},
+            "latency_ms": percentiles(latencies),
             "cpu_us_per_call": round(cpu / max(done, 1) * 1e6, 1),
         }
     finally:

@@ -61,7 +61,7 @@ class Lines:
             self._parts, self._size = [], 0
             start = at + 1
         if len(chunk) - start < self.copy_below:
-            *lines, rest = chunk[start:].split(b"\n") if start else chunk.split(b"\n")
+            *lines, rest = chunk[start:].split(b"\n")  # chunk[0:] is chunk itself, not a copy
             for line in lines:
                 if len(line) > self.limit:
                     self.dropped += 1
