@@ -17,6 +17,8 @@ import asyncio
 import os
 import re
 import secrets as _random
+import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -532,22 +534,42 @@ def normalize_url(url: str) -> str:
     return url
 
 
+SQLITE_WAIT = 30.0  # seconds a SQLite connection waits for another process's lock
+
+
 def _prepare_sqlite_file(database: str) -> None:
-    """Create the database's directory (0700) and the file itself (0600) before SQLite does (umask)."""
+    """Create the database's directory (0700) and the file itself (0600) before SQLite does (umask),
+    and put it in WAL mode, which the file keeps (one writer beside many readers, across processes).
+
+    Switching to WAL needs the database to itself: SQLite may refuse at once ("database is locked")
+    rather than wait while another process opening it is migrating, so this retries; in a worker
+    thread (``asyncio.to_thread``), where waiting blocks nothing."""
     path = Path(database).expanduser()
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.exists():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)
+    deadline = time.monotonic() + SQLITE_WAIT
+    conn = sqlite3.connect(path, timeout=SQLITE_WAIT)
+    try:
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        conn.close()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_WAIT * 1000)}")
     finally:
         cursor.close()
 
@@ -607,7 +629,7 @@ class Store:
                 kwargs["poolclass"] = StaticPool  # one shared in-memory database
             else:
                 await asyncio.to_thread(_prepare_sqlite_file, database)
-            kwargs["connect_args"] = {"timeout": 30}
+            kwargs["connect_args"] = {"timeout": SQLITE_WAIT}
         else:
             kwargs["pool_pre_ping"] = True
         engine = create_async_engine(url, **kwargs)
