@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
@@ -265,6 +266,99 @@ async def test_client_disconnect_cancels_upstream(gateway: GatewayFactory, tmp_p
                 break
             await asyncio.sleep(0.1)
     assert marker.exists()
+    still_serving(gw)
+
+
+def sse_messages(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: ") and ln[6:]]
+
+
+async def test_cancel_and_session_end_finish_requests_in_flight(
+    gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A handshake-era call the client cancels is answered at once (-32800, as the SDK's server
+    does) and frees its slot; a session's end (DELETE) ends every request still running, in the
+    shape each client took (JSON-only: 404; SSE: the stream ends), with no 500 and no traceback."""
+    marker = tmp_path / "cancelled"
+    gw = gateway(
+        "expose",
+        "--env",
+        f"NOTES_CANCEL_FILE={marker}",
+        "--",
+        *NOTES_SERVER,
+        env={"MCP_BASTION_MAX_CONCURRENT_PER_SESSION": "3"},
+    )
+
+    def slow(rid: int, token: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"name": "slow", "arguments": {"seconds": 60}}
+        if token is not None:
+            params["_meta"] = {"progressToken": token}
+        return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+    async def post(client: httpx.AsyncClient, headers: dict[str, str], body: Any) -> httpx.Response:
+        return await asyncio.wait_for(client.post(gw.url, headers=headers, json=body), 30)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        h = open_session(gw.url)
+        json_only = {**h, "Accept": "application/json"}
+        calls = [
+            asyncio.create_task(post(client, json_only, slow(10))),  # JSON
+            asyncio.create_task(post(client, h, slow(11))),  # JSON fast path, not yet answered
+            asyncio.create_task(post(client, h, slow(12, "p"))),  # an SSE stream of progress
+        ]
+        await asyncio.sleep(1.0)
+        full = await post(client, h, {"jsonrpc": "2.0", "id": 13, "method": "ping"})
+        assert full.status_code == 429  # three calls fill the session
+        for rid in (10, 11, 12):
+            note = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid}}
+            assert (await post(client, h, note)).status_code == 202
+        first, second, third = await asyncio.gather(*calls)
+        cancelled = {"code": -32800, "message": "Request cancelled"}
+        assert first.json() == {"jsonrpc": "2.0", "id": 10, "error": cancelled}
+        assert second.json()["error"]["code"] == -32800
+        assert third.headers["content-type"].startswith("text/event-stream")
+        events = sse_messages(third.text)
+        assert events[0]["method"] == "notifications/progress"
+        assert events[-1] == {"jsonrpc": "2.0", "id": 12, "error": cancelled}
+        # The slots are free again, and the upstream stopped all three.
+        assert call(gw.url, h, "echo", {"text": "after"})["result"]["content"][0]["text"] == "after"
+        for _ in range(100):
+            if marker.exists() and marker.read_text().count("cancelled") == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert marker.read_text().count("cancelled") == 3
+
+        # A session ends (DELETE) while requests and its GET stream are open.
+        marker.unlink()
+        h = open_session(gw.url)
+        json_only = {**h, "Accept": "application/json"}
+        async with client.stream("GET", gw.url, headers=h) as get_stream:
+            assert get_stream.status_code == 200
+            calls = [
+                asyncio.create_task(post(client, json_only, slow(20))),
+                asyncio.create_task(post(client, h, slow(21))),
+                asyncio.create_task(post(client, h, slow(22, "q"))),
+            ]
+            await asyncio.sleep(1.0)
+            assert (await client.delete(gw.url, headers=h)).status_code == 200
+            first, second, third = await asyncio.gather(*calls)
+            assert first.status_code == 404
+            assert first.json()["error"] == {"code": -32600, "message": "Session terminated"}
+            assert second.status_code == 200 and second.text == ""  # an SSE stream with no message
+            assert second.headers["content-type"].startswith("text/event-stream")
+            events = sse_messages(third.text)
+            assert events and all(e.get("method") == "notifications/progress" for e in events)
+            await asyncio.wait_for(get_stream.aread(), 10)  # the GET stream ends too
+        # The ended stream cannot be resumed: the session is gone.
+        last = [ln for ln in third.text.splitlines() if ln.startswith("id: ")][-1][4:]
+        resumed = await client.get(gw.url, headers={**h, "Last-Event-ID": last})
+        assert resumed.status_code == 404
+    for _ in range(100):
+        if marker.exists() and marker.read_text().count("cancelled") == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert marker.read_text().count("cancelled") == 3
+    assert "Traceback" not in gw.logs() and "Exception in ASGI" not in gw.logs()
     still_serving(gw)
 
 

@@ -298,12 +298,20 @@ class Hub:
             await ch.close()
         peer.hub_channels.clear()
 
-    async def cancel(self, peer: Peer, down_id: rpc.RequestId, reason: str | None = None) -> None:
+    async def cancel(
+        self, peer: Peer, down_id: rpc.RequestId, reason: str | None = None, *, answer: bool = False
+    ) -> None:
+        """Stop one in-flight request upstream; with ``answer`` (the client cancelled it) its
+        handler ends now with -32800 instead of waiting out the request timeout."""
         hit = peer.inflight.pop(down_id, None)
         if hit is None:
             return
         channel, up_id = hit
+        pend = channel.state.pending.get(up_id)
         note = channel.state.cancel(up_id, reason)
+        if answer and pend is not None and isinstance(pend.route, CallRoute):
+            cancelled = rpc.error(down_id, rpc.REQUEST_CANCELLED, "Request cancelled")
+            pend.route.mailbox.put(("final", cancelled))
         if note is not None:
             with contextlib.suppress(Exception):
                 await channel.send(note)
@@ -443,7 +451,7 @@ class Hub:
         if method == "notifications/cancelled":
             request_id = params.get("requestId")
             if isinstance(request_id, str | int):
-                await self.cancel(peer, request_id, params.get("reason"))
+                await self.cancel(peer, request_id, params.get("reason"), answer=True)
         elif method == "notifications/roots/list_changed":
             for entry in self.usable(peer):
                 creds = entry.credentials_for(peer)

@@ -27,6 +27,9 @@ TOO_MANY_REQUESTS: Final = -31002
 HEADER_MISMATCH: Final = -32020
 MISSING_CLIENT_CAPABILITY: Final = -32021
 UNSUPPORTED_PROTOCOL_VERSION: Final = -32022
+# A handshake-era request the client cancelled: its POST stream still ends with a response for
+# its id (so a resumed stream's replay ends too), with the code the MCP SDK's server uses.
+REQUEST_CANCELLED: Final = -32800
 
 
 class ProtocolError(Exception):

@@ -127,8 +127,34 @@ class EventLog:
             self.messages += 1
         self.changed.set()
 
+    def close(self) -> None:
+        """The session ended before the answer: the stream ends without one."""
+        self.done = True
+        self.changed.set()
+
     def priming(self) -> bytes:
         return sse_event(None, f"{self.key}-0")
+
+
+def _ended_by_session(task: asyncio.Task[Any]) -> bool:
+    """A request task cancelled by its session's end, not this handler cancelled itself."""
+    current = asyncio.current_task()
+    return task.cancelled() and not (current is not None and current.cancelling())
+
+
+async def _respond_terminated(send: Send, down_id: rpc.RequestId | None, wants_sse: bool) -> None:
+    """The answer to a request whose session ended while it ran (DELETE, expiry, shutdown).
+
+    A client that takes SSE gets a stream that ends without a message, as the MCP SDK's own
+    server does: its client then settles the call itself, and a client that has already closed
+    (the SDK client sends its DELETE after closing its read stream) is not handed a message it
+    can no longer take. A JSON-only client gets what any request of an ended session gets: 404.
+    """
+    if wants_sse:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    else:
+        await respond_json(send, 404, rpc.error(down_id, rpc.INVALID_REQUEST, "Session terminated"))
 
 
 class LegacySession(Peer):
@@ -388,6 +414,8 @@ class McpHttpApp:
         self.sessions.pop(session.id, None)
         for task in list(session.tasks):
             task.cancel()
+        if session.get_stream is not None:
+            session.get_stream.wake()  # its response ends now, not at the next keep-alive
         await session.hub.detach(session)
 
     # ------------------------------------------------------------------ Streamable HTTP
@@ -655,6 +683,11 @@ class McpHttpApp:
         if not wants_sse:
             try:
                 reply = await task
+            except asyncio.CancelledError:
+                if not _ended_by_session(task):
+                    raise
+                await _respond_terminated(send, down_id, wants_sse)
+                return
             finally:
                 session.active_requests -= 1
                 session.touch()
@@ -676,6 +709,9 @@ class McpHttpApp:
             session.post_streams.pop(down_id, None)
             session.active_requests -= 1
             session.touch()
+            if task.cancelled():
+                await _respond_terminated(send, down_id, wants_sse)
+                return
             await respond_json(send, 200, task.result())
             return
         # Otherwise a resumable SSE stream, fed by a producer that outlives this connection.
@@ -701,9 +737,13 @@ class McpHttpApp:
                 while stream.items:
                     log.append(stream.items.popleft())
                 if task in done:
+                    if task.cancelled():
+                        break
                     log.append(task.result(), final=True)
                     return
         finally:
+            if not log.done:
+                log.close()  # the session ended (its tasks were cancelled): the stream ends
             session.post_streams.pop(down_id, None)
             session.active_requests -= 1
             session.touch()
@@ -718,8 +758,10 @@ class McpHttpApp:
         try:
             while True:
                 if allow_json and not started and log.done and log.messages == 0:
-                    assert log.final is not None
-                    await respond_json(send, 200, log.final)
+                    if log.final is None:
+                        await _respond_terminated(send, None, True)
+                    else:
+                        await respond_json(send, 200, log.final)
                     return
                 if not started and (pos < len(log.entries) or not allow_json or log.done):
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -826,6 +868,8 @@ class McpHttpApp:
                     continue
                 if disconnect in done:
                     return
+                if session.closed:
+                    break
                 await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
         except OSError:
             return
