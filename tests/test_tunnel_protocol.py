@@ -233,6 +233,34 @@ def test_small_consumption_is_batched() -> None:
     assert struct.unpack("!I", frames[0][5:]) == (p.INITIAL_WINDOW // 4 + 10,)
 
 
+def test_a_widened_stream_takes_more_in_flight_and_grants_per_quarter_of_it() -> None:
+    """A PIPE stream's receiver widens its window with one WINDOW frame: the sender (which knows
+    only the initial window) may then have that much in flight, and no more."""
+    gw, conn = pair()
+    sid, frames = gw.open_stream(*HEAD)
+    deliver(frames, conn)
+    deliver(conn.respond(sid, 200, []), gw)
+    wide = 4 * p.INITIAL_WINDOW
+    grant = gw.widen(sid, wide)
+    assert [f[0] for f in grant] == [T.WINDOW]
+    assert struct.unpack("!I", grant[0][5:]) == (wide - p.INITIAL_WINDOW,)
+    assert deliver(grant, conn) == [p.Credit(sid)]
+    assert gw.widen(sid, wide) == [] and gw.widen(sid, p.INITIAL_WINDOW) == []  # never narrower
+    body = b"x" * (wide + 1000)
+    out = conn.send_data(sid, body)
+    assert data_bytes(out) == wide and conn.queued(sid) == 1000
+    deliver(out, gw)  # all of it within the widened window: no protocol error
+    with pytest.raises(p.ProtocolError, match="exceeds its credit"):
+        gw.receive(p.encode(T.DATA, sid, b"x"), 0)
+    assert gw.consumed(sid, p.INITIAL_WINDOW // 4) == []  # a quarter of the wide window, not of 256 KiB
+    assert gw.consumed(sid, wide // 4 - p.INITIAL_WINDOW // 4 - 1) == []
+    frames = gw.consumed(sid, 1)
+    assert [f[0] for f in frames] == [T.WINDOW]
+    assert struct.unpack("!I", frames[0][5:]) == (wide // 4,)
+    with pytest.raises(ValueError, match="outside"):
+        gw.widen(sid, p.MAX_WINDOW + 1)
+
+
 def test_reset_drops_queued_data_and_late_frames_are_ignored() -> None:
     gw, conn = pair()
     sid, frames = gw.open_stream(*HEAD)
@@ -437,6 +465,14 @@ class TwoEnds(RuleBasedStateMachine):
         if sid in mux.streams:
             self.reset.add(sid)
         self._out(mux.reset(sid, "test reset"), "up" if side == "gateway" else "down")
+
+    @precondition(lambda self: self.streams)
+    @rule(data=st.data(), direction=st.sampled_from(["up", "down"]), factor=st.integers(1, 4))
+    def reader_widens(self, data: st.DataObject, direction: str, factor: int) -> None:
+        """A receiver raises a stream's window (as both ends of a PIPE do) at any point."""
+        sid = data.draw(st.sampled_from(self.streams))
+        reader = self.conn if direction == "up" else self.gw
+        self._out(reader.widen(sid, WINDOW * factor), "down" if direction == "up" else "up")
 
     @rule(data=st.data(), direction=st.sampled_from(["up", "down"]))
     def reader_consumes(self, data: st.DataObject, direction: str) -> None:

@@ -284,6 +284,11 @@ class TunnelStream:
         # within this turn of the loop, the head goes out on its own.
         self.link.kick(frames)
 
+    def widen(self, window: int) -> None:
+        """Let the peer have up to ``window`` bytes in flight on this stream (see ``Mux.widen``)."""
+        with contextlib.suppress(p.StreamClosed):
+            self.link.kick(self.link.mux.widen(self.id, window))
+
     def reset(self, reason: str) -> None:
         """Abort the stream (no await: usable from cleanup paths and cancellation)."""
         if self._error is None:

@@ -58,6 +58,10 @@ def parse(line: Line) -> rpc.Message | None:
         return None
 
 
+# The receive window of a PIPE stream, each way. Every caller of a server shares its PIPE, so the
+# per-stream default (256 KiB) let only two 128 KiB answers, or four 64 KiB calls, be in flight, and
+# each needed a WINDOW round trip between the two processes. Bounded: what one PIPE may hold unread.
+PIPE_WINDOW = 4 * 1024 * 1024
 OUTBOX_LIMIT = 4 * 1024 * 1024  # bytes waiting for a gateway that does not read, before it is held off
 NOTICE_LIMIT = 1024 * 1024  # bytes of notifications waiting behind a write that does not finish
 
@@ -160,6 +164,7 @@ class TunnelChannel(Channel):
             raise Unreachable(offline(self.connector))
         try:
             stream = await link.open(PIPE_METHOD, pipe_path(self.server), [(ERA_HEADER, self.era)])
+            stream.widen(PIPE_WINDOW)
             head = await asyncio.wait_for(stream.response, self.handshake_timeout)
         except StreamReset as exc:
             raise Unreachable(self._why(str(exc))) from None
@@ -291,6 +296,7 @@ class PipeHost:
         self.stream = stream
         self.outbox = outbox = Outbox(stream)
         await stream.respond(200, [("content-type", "application/x-ndjson")])  # joins the first answer
+        stream.widen(PIPE_WINDOW)
         lines = Lines()
         try:
             while True:

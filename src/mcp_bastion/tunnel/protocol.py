@@ -268,6 +268,7 @@ class _Stream:
     id: int
     send_credit: int
     recv_window: int  # bytes the peer may still send before our next WINDOW
+    window: int = INITIAL_WINDOW  # this end's whole receive window (WINDOW goes out per quarter of it)
     unacked: int = 0  # bytes consumed by the application but not yet granted back
     queue: deque[bytes] = field(default_factory=deque)
     queued: int = 0
@@ -379,7 +380,7 @@ class Mux:
         )
         self._next_id += 2
         self._last_id = sid
-        st = _Stream(sid, self.initial_window, self.initial_window, head_sent=True)
+        st = _Stream(sid, self.initial_window, self.initial_window, self.initial_window, head_sent=True)
         self.streams[sid] = st
         return sid, self.pending_frames()
 
@@ -430,10 +431,26 @@ class Mux:
         if st is None or st.remote_ended or n <= 0:
             return self.pending_frames()
         st.unacked += n
-        if st.unacked >= max(1, self.initial_window // 4):
+        if st.unacked >= max(1, st.window // 4):
             self._emit(FrameType.WINDOW, sid, _U32.pack(st.unacked))
             st.recv_window += st.unacked
             st.unacked = 0
+        return self.pending_frames()
+
+    def widen(self, sid: int, window: int) -> list[bytes]:
+        """Raise a stream's receive window to ``window`` bytes, granting the difference at once.
+
+        For a stream that carries many calls at once (a ``PIPE``: every caller of one server shares it),
+        where the initial window would let only a few large messages be in flight and turn each of them
+        into a WINDOW round trip. A plain WINDOW frame, so a peer of any version follows it."""
+        st = self.streams.get(sid)
+        if not self.initial_window <= window <= MAX_WINDOW:
+            raise ValueError(f"a window of {window} bytes is outside {self.initial_window}..{MAX_WINDOW}")
+        if st is not None and not st.remote_ended and window > st.window:
+            extra = window - st.window
+            st.window = window
+            st.recv_window += extra
+            self._emit(FrameType.WINDOW, sid, _U32.pack(extra))
         return self.pending_frames()
 
     def send_credit(self, sid: int) -> int:
@@ -601,7 +618,9 @@ class Mux:
         if len(self.streams) >= self.max_streams:
             self._emit_json(FrameType.RESET, sid, {"reason": "too many concurrent streams"})
             return []
-        self.streams[sid] = _Stream(sid, self.initial_window, self.initial_window, head_received=True)
+        self.streams[sid] = _Stream(
+            sid, self.initial_window, self.initial_window, self.initial_window, head_received=True
+        )
         return [Opened(sid, method, path, headers)]
 
     def _known(self, frame: Frame) -> _Stream | None:
