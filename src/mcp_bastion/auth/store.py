@@ -566,10 +566,10 @@ def _prepare_sqlite_file(database: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    # The busy timeout is the driver's ``timeout`` connect argument (SQLITE_WAIT), set in Store.open.
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_WAIT * 1000)}")
     finally:
         cursor.close()
 

@@ -286,8 +286,7 @@ class TunnelStream:
 
     def widen(self, window: int) -> None:
         """Let the peer have up to ``window`` bytes in flight on this stream (see ``Mux.widen``)."""
-        with contextlib.suppress(p.StreamClosed):
-            self.link.kick(self.link.mux.widen(self.id, window))
+        self.link.kick(self.link.mux.widen(self.id, window))  # a stream gone meanwhile: no frame
 
     def reset(self, reason: str) -> None:
         """Abort the stream (no await: usable from cleanup paths and cancellation)."""
