@@ -32,6 +32,21 @@ INIT = {
 }
 
 
+def events(text: str) -> list[tuple[str | None, Any]]:
+    """The (id, message) of each SSE event that carries a message."""
+    out: list[tuple[str | None, Any]] = []
+    for block in text.split("\n\n"):
+        ev_id, data = None, None
+        for line in block.splitlines():
+            if line.startswith("id: "):
+                ev_id = line[4:]
+            elif line.startswith("data: ") and line[6:]:
+                data = orjson.loads(line[6:])
+        if data is not None:
+            out.append((ev_id, data))
+    return out
+
+
 def open_session(url: str) -> dict[str, str]:
     resp = httpx.post(url, headers=HEADERS, json=INIT)
     assert resp.status_code == 200
@@ -51,8 +66,7 @@ def call(url: str, headers: dict[str, str], name: str, args: dict[str, Any], rid
         timeout=60,
     )
     if resp.headers["content-type"].startswith("text/event-stream"):
-        data = [ln[6:] for ln in resp.text.splitlines() if ln.startswith("data: ") and ln[6:]]
-        return httpx.Response(200, content=data[-1]).json()  # type: ignore[no-any-return]
+        return events(resp.text)[-1][1]  # type: ignore[no-any-return]
     return resp.json()  # type: ignore[no-any-return]
 
 
@@ -269,10 +283,6 @@ async def test_client_disconnect_cancels_upstream(gateway: GatewayFactory, tmp_p
     still_serving(gw)
 
 
-def sse_messages(text: str) -> list[dict[str, Any]]:
-    return [orjson.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: ") and ln[6:]]
-
-
 async def test_cancel_and_session_end_finish_requests_in_flight(
     gateway: GatewayFactory, tmp_path: Path
 ) -> None:
@@ -317,9 +327,9 @@ async def test_cancel_and_session_end_finish_requests_in_flight(
         assert first.json() == {"jsonrpc": "2.0", "id": 10, "error": cancelled}
         assert second.json()["error"]["code"] == -32800
         assert third.headers["content-type"].startswith("text/event-stream")
-        events = sse_messages(third.text)
-        assert events[0]["method"] == "notifications/progress"
-        assert events[-1] == {"jsonrpc": "2.0", "id": 12, "error": cancelled}
+        streamed = [m for _, m in events(third.text)]
+        assert streamed[0]["method"] == "notifications/progress"
+        assert streamed[-1] == {"jsonrpc": "2.0", "id": 12, "error": cancelled}
         # The slots are free again, and the upstream stopped all three.
         assert call(gw.url, h, "echo", {"text": "after"})["result"]["content"][0]["text"] == "after"
         for _ in range(100):
@@ -346,8 +356,8 @@ async def test_cancel_and_session_end_finish_requests_in_flight(
             assert first.json()["error"] == {"code": -32600, "message": "Session terminated"}
             assert second.status_code == 200 and second.text == ""  # an SSE stream with no message
             assert second.headers["content-type"].startswith("text/event-stream")
-            events = sse_messages(third.text)
-            assert events and all(e.get("method") == "notifications/progress" for e in events)
+            streamed = [m for _, m in events(third.text)]
+            assert streamed and all(e.get("method") == "notifications/progress" for e in streamed)
             await asyncio.wait_for(get_stream.aread(), 10)  # the GET stream ends too
         # The ended stream cannot be resumed: the session is gone.
         last = [ln for ln in third.text.splitlines() if ln.startswith("id: ")][-1][4:]

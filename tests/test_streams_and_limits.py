@@ -5,27 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 
 from tests.conftest import NOTES_SERVER, GatewayFactory
-from tests.test_faults import HEADERS, INIT, call, open_session
-
-
-def events(text: str) -> list[tuple[str | None, Any]]:
-    out: list[tuple[str | None, Any]] = []
-    for block in text.split("\n\n"):
-        ev_id, data = None, None
-        for line in block.splitlines():
-            if line.startswith("id: "):
-                ev_id = line[4:]
-            elif line.startswith("data: ") and line[6:]:
-                data = orjson.loads(line[6:])
-        if data is not None:
-            out.append((ev_id, data))
-    return out
+from tests.test_faults import HEADERS, INIT, call, events, open_session
 
 
 async def test_post_stream_resumes_after_disconnect(gateway: GatewayFactory) -> None:

@@ -268,7 +268,7 @@ class _Stream:
     id: int
     send_credit: int
     recv_window: int  # bytes the peer may still send before our next WINDOW
-    window: int = INITIAL_WINDOW  # this end's whole receive window (WINDOW goes out per quarter of it)
+    window: int  # this end's whole receive window (WINDOW goes out per quarter of it)
     unacked: int = 0  # bytes consumed by the application but not yet granted back
     queue: deque[bytes] = field(default_factory=deque)
     queued: int = 0
@@ -320,6 +320,12 @@ class Mux:
         """Every frame waiting to be sent, oldest first; the outbox is empty afterwards."""
         out, self._outbox = self._outbox, []
         return out
+
+    def _new_stream(self, sid: int, *, head_sent: bool = False, head_received: bool = False) -> _Stream:
+        w = self.initial_window
+        return _Stream(
+            sid, send_credit=w, recv_window=w, window=w, head_sent=head_sent, head_received=head_received
+        )
 
     def _emit(self, kind: FrameType, stream: int, payload: bytes = b"") -> None:
         self._outbox.append(encode(kind, stream, payload))
@@ -380,7 +386,7 @@ class Mux:
         )
         self._next_id += 2
         self._last_id = sid
-        st = _Stream(sid, self.initial_window, self.initial_window, self.initial_window, head_sent=True)
+        st = self._new_stream(sid, head_sent=True)
         self.streams[sid] = st
         return sid, self.pending_frames()
 
@@ -618,9 +624,7 @@ class Mux:
         if len(self.streams) >= self.max_streams:
             self._emit_json(FrameType.RESET, sid, {"reason": "too many concurrent streams"})
             return []
-        self.streams[sid] = _Stream(
-            sid, self.initial_window, self.initial_window, self.initial_window, head_received=True
-        )
+        self.streams[sid] = self._new_stream(sid, head_received=True)
         return [Opened(sid, method, path, headers)]
 
     def _known(self, frame: Frame) -> _Stream | None:
