@@ -331,6 +331,16 @@ def connect(
     heartbeat: Annotated[
         float, typer.Option("--heartbeat", help="Seconds between heartbeats; 3 missed: the link is dead.")
     ] = 10.0,
+    coalesce_ms: Annotated[
+        int,
+        typer.Option(
+            "--coalesce-ms",
+            help="While a server is queueing, read at most once per this many milliseconds, so that "
+            "each wake-up carries a batch (0: read every message at once).",
+            min=0,
+            max=50,
+        ),
+    ] = 2,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Dial out to a gateway and serve the servers in FILE through it (nothing listens here).
@@ -360,6 +370,7 @@ def connect(
             ca_bundle=str(ca_bundle) if ca_bundle else None,
             insecure_http=insecure_http,
             heartbeat_seconds=heartbeat,
+            coalesce_seconds=coalesce_ms / 1000,
         )
     except (ConfigError, ConnectorError) as exc:
         _fail(str(exc))

@@ -3,7 +3,8 @@
 The SDK's servers drop the answer of a cancelled request, so a late answer never comes from them;
 this one sends it anyway, when its time is up, to show that a bridge drops it instead of handing it
 to whichever caller now uses the same id. Tools: ``echo`` (text), ``slow`` (answers after
-``seconds``, whatever happened meanwhile).
+``seconds``, whatever happened meanwhile), ``busy`` (works ``seconds`` before it answers with
+``text``, one call at a time: calls queue up behind it).
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 TOOLS = [
     {"name": "echo", "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}},
     {"name": "slow", "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}}}},
+    {
+        "name": "busy",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "seconds": {"type": "number"}},
+        },
+    },
 ]
 
 
@@ -59,6 +68,10 @@ async def main() -> None:
             task = asyncio.create_task(late(rid, float((params.get("arguments") or {}).get("seconds", 1))))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        elif method == "tools/call" and params.get("name") == "busy":
+            arguments = params.get("arguments") or {}
+            time.sleep(float(arguments.get("seconds", 0.001)))  # noqa: ASYNC251 - holds the loop: one call at a time
+            text(rid, str(arguments.get("text", "")))
         elif method == "ping":
             send({"jsonrpc": "2.0", "id": rid, "result": {}})
         else:

@@ -32,6 +32,7 @@ from ..gateway import settle_heap
 from ..upstream.base import Era, UpstreamUnavailable
 from . import protocol as p
 from .link import ClientWire, Link, TunnelStream
+from .pacing import DEFAULT_WINDOW, Pacer, link_delay
 from .pipe import ERA_HEADER, PIPE_METHOD, PipeHost, refuse
 from .relay import CONNECT_PATH
 
@@ -108,6 +109,7 @@ class Connector:
         ca_bundle: str | None = None,
         insecure_http: bool = False,
         heartbeat_seconds: float = p.HEARTBEAT_SECONDS,
+        coalesce_seconds: float = DEFAULT_WINDOW,
     ) -> None:
         if not servers:
             raise ConnectorError("no servers configured")
@@ -116,6 +118,8 @@ class Connector:
         self.name = name
         self.ssl = tls_context(ca_bundle) if self.endpoint.secure else None
         self.heartbeat_seconds = heartbeat_seconds
+        self.coalesce_seconds = coalesce_seconds  # read coalescing under load (tunnel/pacing.py); 0: off
+        self.held = 0  # times the link was left unread for a window (logged at the end)
         self.configs = {s.name: s for s in servers}
         self.servers = list(self.configs)
         self.hosts: dict[tuple[str, Era], PipeHost] = {}
@@ -161,13 +165,21 @@ class Connector:
         if self.link is not None and not self.link.closed.is_set():
             await self.link.close("the connector is shutting down", 1001)
         await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
-        log.info("connector_stopped")
+        held = {"link": self.held, "servers": sum(host.held for host in self.hosts.values())}
+        log.info("connector_stopped", reads_held=held)
 
     def host(self, server: str, era: Era) -> PipeHost:
         found = self.hosts.get((server, era))
         if found is None:
-            found = self.hosts[(server, era)] = PipeHost(self.configs[server], era)
+            pacer = Pacer(self.coalesce_seconds)
+            found = self.hosts[(server, era)] = PipeHost(self.configs[server], era, pacer)
         return found
+
+    def _pace(self, read: int) -> float:
+        delay = link_delay([host.pacer for host in self.hosts.values()], time.monotonic(), read)
+        if delay > 0:
+            self.held += 1
+        return delay
 
     async def _start_servers(self) -> None:
         """Start every server's handshake-era channel now (the one the gateway opens first), so the
@@ -216,7 +228,8 @@ class Connector:
                 log.warning("gateway_goaway", reason=ev.reason)
 
         mux = p.Mux("connector", heartbeat_seconds=self.heartbeat_seconds, now=time.monotonic())
-        link = Link(ClientWire(ws), mux, on_open=self._serve, on_control=control)
+        pace = self._pace if self.coalesce_seconds > 0 else None
+        link = Link(ClientWire(ws), mux, on_open=self._serve, on_control=control, pace=pace)
         self.link = link
         running = asyncio.create_task(link.run())
         try:

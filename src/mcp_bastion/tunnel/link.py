@@ -45,6 +45,10 @@ class Wire(Protocol):
 
     def abort(self) -> None: ...
 
+    async def hold(self, seconds: float) -> None:
+        """Read nothing more for ``seconds``: what arrives meanwhile waits to be read in one go."""
+        ...
+
 
 class AsgiWire:
     """The gateway's end: an accepted ASGI websocket connection."""
@@ -91,6 +95,9 @@ class AsgiWire:
     def abort(self) -> None:
         self._closed = True  # returning from the ASGI handler closes the connection
 
+    async def hold(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)  # ASGI offers no way to pause reading; the gateway never holds
+
 
 class ClientWire:
     """The connector's end: a ``websockets`` client connection."""
@@ -122,6 +129,17 @@ class ClientWire:
         transport = self.ws.transport
         if transport is not None:
             transport.abort()
+
+    async def hold(self, seconds: float) -> None:
+        transport = self.ws.transport
+        if transport is None or not transport.is_reading():  # paused by websockets' own flow control
+            return
+        transport.pause_reading()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
 
 
 class TunnelStream:
@@ -315,12 +333,14 @@ class Link:
         on_open: OnOpen | None = None,
         on_control: OnControl | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pace: Callable[[int], float] | None = None,
     ) -> None:
         self.wire = wire
         self.mux = mux
         self.on_open = on_open
         self.on_control = on_control
         self.clock = clock
+        self.pace = pace  # seconds to read nothing after a message of N bytes (tunnel/pacing.py)
         self.streams: dict[int, TunnelStream] = {}
         self.closed = asyncio.Event()
         self.reason = ""
@@ -467,6 +487,8 @@ class Link:
                     await self.send_frames(frames)
                 except ConnectionError:
                     return "the connection closed"
+            if self.pace is not None and (delay := self.pace(len(data))) > 0:
+                await self.wire.hold(delay)
 
     async def _violation(self, message: str) -> str:
         log.warning("tunnel_protocol_error", error=message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,6 +24,7 @@ from ..core import jsonrpc as rpc
 from ..core.forward import Broadcast, Delivery, Event, ServerRequest
 from ..core.lines import Line, Lines
 from ..upstream.base import Channel, Era, Sink, Unreachable, UpstreamUnavailable
+from .pacing import Pacer
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -249,9 +251,11 @@ class PipeHost:
     """One server in one era on the connector: its upstream channel (kept across links) and the PIPE
     stream of the gateway currently attached (at most one; a newer one replaces it)."""
 
-    def __init__(self, config: ServerConfig, era: Era) -> None:
+    def __init__(self, config: ServerConfig, era: Era, pacer: Pacer | None = None) -> None:
         self.config = config
         self.era: Era = era
+        self.pacer = pacer if pacer is not None else Pacer(0.0)  # this server's calls in flight
+        self.held = 0  # times the upstream's output was left unread for a window
         self.channel: Channel | None = None
         self._lock = asyncio.Lock()
         self.stream: TunnelStream | None = None
@@ -269,6 +273,8 @@ class PipeHost:
             if ch is None or ch.closed:
                 ch = make_channel(self.config, self.era, self._events)
                 ch.on_lost = self._upstream_lost
+                if self.pacer.window > 0:
+                    ch.pace = self._pace
                 try:
                     await ch.start()
                 except UpstreamUnavailable:
@@ -333,6 +339,7 @@ class PipeHost:
                 params = rpc.params_of(message)
                 rid = params.get("requestId")
                 up = self.ids.pop(rid, None) if isinstance(rid, str | int) else None
+                self.pacer.forget(up)
                 reason = params.get("reason")
                 why = reason if isinstance(reason, str) else None
                 cancel = None if up is None else ch.state.cancel(up, why)
@@ -353,6 +360,7 @@ class PipeHost:
                 return
         out = ch.state.forward_request(self, message)
         self.ids[message["id"]] = out["id"]
+        self.pacer.sent(out["id"], time.monotonic())
         if method == "tools/list":
             self.lists.add(out["id"])
         await ch.send(out)
@@ -364,6 +372,7 @@ class PipeHost:
                 message = ev.message
                 if ev.final:
                     up = self.ids.pop(ev.related, None) if ev.related is not None else None
+                    self.pacer.answered(up, time.monotonic())
                     if up in self.lists:
                         self.lists.discard(up)
                         message = self._filtered(message)
@@ -378,6 +387,12 @@ class PipeHost:
                 message = ev.message
             if outbox is not None:
                 outbox.put(message)
+
+    def _pace(self, read: int) -> float:
+        delay = self.pacer.delay(time.monotonic(), read)
+        if delay > 0:
+            self.held += 1
+        return delay
 
     def _filtered(self, message: rpc.Message) -> rpc.Message:
         result = message.get("result")
@@ -406,6 +421,7 @@ class PipeHost:
             stream.reset(reason)
         self.ids.clear()
         self.lists.clear()
+        self.pacer.clear()
         if ch is None:
             return
         for up_id in list(ch.state.pending):

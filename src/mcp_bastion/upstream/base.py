@@ -82,6 +82,9 @@ class Channel:
         self.credentials = ""
         self.on_ready: Callable[[Channel], None] | None = None
         self.on_lost: Callable[[Channel], None] | None = None
+        # Seconds to leave the upstream's output unread after a read of N bytes (0: none); honoured
+        # by stdio channels, set by the tunnel's connector (tunnel/pacing.py). None: never held.
+        self.pace: Callable[[int], float] | None = None
 
     @property
     def label(self) -> str:

@@ -47,6 +47,21 @@ def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+async def _hold(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Leave the child's output in its pipe for ``seconds``, so that the next read takes a batch
+    (``Channel.pace``). asyncio has no public handle on a StreamReader's transport; without one, or
+    while the reader itself holds the transport paused (its buffer is full), nothing is held."""
+    transport: Any = getattr(reader, "_transport", None)  # uvloop's is no asyncio.ReadTransport subclass
+    if not hasattr(transport, "is_reading") or not transport.is_reading():
+        return
+    transport.pause_reading()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
 class StdioChannel(Channel):
     def __init__(
         self,
@@ -154,6 +169,8 @@ class StdioChannel(Channel):
             if lines.dropped != dropped:
                 dropped = lines.dropped
                 log.error("upstream_line_too_long", server=self.server, limit=LINE_LIMIT)
+            if self.pace is not None and (delay := self.pace(len(chunk))) > 0:
+                await _hold(stream, delay)
 
     async def _stderr(self, stream: asyncio.StreamReader) -> None:
         while True:
