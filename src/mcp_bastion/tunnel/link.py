@@ -20,6 +20,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from ..upstream.base import hold_reading
 from . import protocol as p
 
 log = structlog.get_logger("mcp_bastion.tunnel")
@@ -131,15 +132,7 @@ class ClientWire:
             transport.abort()
 
     async def hold(self, seconds: float) -> None:
-        transport = self.ws.transport
-        if transport is None or not transport.is_reading():  # paused by websockets' own flow control
-            return
-        transport.pause_reading()
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            if not transport.is_closing():
-                transport.resume_reading()
+        await hold_reading(self.ws.transport, seconds)  # not while websockets' flow control paused it
 
 
 class TunnelStream:

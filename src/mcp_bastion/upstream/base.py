@@ -66,6 +66,20 @@ def modern_meta(capabilities: dict[str, Any] | None = None, info: Any = None) ->
 Sink = Callable[["Channel", list[Event]], None]
 
 
+async def hold_reading(transport: Any, seconds: float) -> None:
+    """Read nothing from ``transport`` for ``seconds`` (what arrives waits in the kernel's buffer),
+    for ``Channel.pace`` and the tunnel's ``Link.pace``. A transport that is not reading (its
+    protocol's own flow control paused it), or none, is left alone."""
+    if transport is None or not hasattr(transport, "is_reading") or not transport.is_reading():
+        return
+    transport.pause_reading()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
 class Channel:
     """Base of all channels; subclasses implement ``_connect``, ``_write`` and ``_disconnect``."""
 

@@ -19,7 +19,7 @@ import structlog
 
 from ..core import jsonrpc as rpc
 from ..core.lines import MAX_LINE, Lines
-from .base import Channel, Era, Sink, UpstreamUnavailable
+from .base import Channel, Era, Sink, UpstreamUnavailable, hold_reading
 
 log = structlog.get_logger("mcp_bastion.stdio")
 
@@ -45,21 +45,6 @@ def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     env.update(extra)
     return env
-
-
-async def _hold(reader: asyncio.StreamReader, seconds: float) -> None:
-    """Leave the child's output in its pipe for ``seconds``, so that the next read takes a batch
-    (``Channel.pace``). asyncio has no public handle on a StreamReader's transport; without one, or
-    while the reader itself holds the transport paused (its buffer is full), nothing is held."""
-    transport: Any = getattr(reader, "_transport", None)  # uvloop's is no asyncio.ReadTransport subclass
-    if not hasattr(transport, "is_reading") or not transport.is_reading():
-        return
-    transport.pause_reading()
-    try:
-        await asyncio.sleep(seconds)
-    finally:
-        if not transport.is_closing():
-            transport.resume_reading()
 
 
 class StdioChannel(Channel):
@@ -170,7 +155,9 @@ class StdioChannel(Channel):
                 dropped = lines.dropped
                 log.error("upstream_line_too_long", server=self.server, limit=LINE_LIMIT)
             if self.pace is not None and (delay := self.pace(len(chunk))) > 0:
-                await _hold(stream, delay)
+                # asyncio has no public handle on a StreamReader's transport (uvloop's pipe transport
+                # is no asyncio.ReadTransport subclass either): the reader's own, as it has it.
+                await hold_reading(getattr(stream, "_transport", None), delay)
 
     async def _stderr(self, stream: asyncio.StreamReader) -> None:
         while True:
