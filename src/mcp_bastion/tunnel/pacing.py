@@ -38,7 +38,8 @@ class Pacer:
         self._last_answer = float("-inf")
 
     def sent(self, key: Hashable, now: float) -> None:
-        """A call went to the server."""
+        """A call went to the server (a key sent again moves to the end: the first stays the oldest)."""
+        self._sent.pop(key, None)
         self._sent[key] = now
 
     def answered(self, key: Hashable, now: float) -> None:
