@@ -24,11 +24,11 @@ from ..core import jsonrpc as rpc
 from ..core.forward import Broadcast, Delivery, Event, ServerRequest
 from ..core.lines import Line, Lines
 from ..upstream.base import Channel, Era, Sink, Unreachable, UpstreamUnavailable
-from .pacing import Pacer
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
     from .link import TunnelStream
+    from .pacing import Pacer
     from .relay import TunnelRegistry
 
 log = structlog.get_logger("mcp_bastion.tunnel")
@@ -251,10 +251,10 @@ class PipeHost:
     """One server in one era on the connector: its upstream channel (kept across links) and the PIPE
     stream of the gateway currently attached (at most one; a newer one replaces it)."""
 
-    def __init__(self, config: ServerConfig, era: Era, pacer: Pacer | None = None) -> None:
+    def __init__(self, config: ServerConfig, era: Era, pacer: Pacer) -> None:
         self.config = config
         self.era: Era = era
-        self.pacer = pacer if pacer is not None else Pacer(0.0)  # this server's calls in flight
+        self.pacer = pacer  # this server's calls in flight, and when its reads are held
         self.held = 0  # times the upstream's output was left unread for a window
         self.channel: Channel | None = None
         self._lock = asyncio.Lock()
