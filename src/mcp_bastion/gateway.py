@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ import uvicorn
 from .config import GatewaySettings, ServerConfig, is_loopback_host
 from .core.forward import Event, ServerRequest
 from .core.sealing import StateSealer
+from .heap import settle_heap
 from .hub import Hub, ServerEntry
 from .transport.asgi import McpHttpApp
 from .transport.security import HostPolicy
@@ -292,14 +292,6 @@ class Gateway:
         waiter.cancel()
         await self.close()
         log.info("gateway_stopped")
-
-
-def settle_heap() -> None:
-    """Move everything start-up made (modules, config, app) out of the garbage collector's sight: a
-    full collection then scans only what requests allocate, instead of stalling every call in flight
-    for tens of milliseconds (seen as the p99 of the tunnel bench at C=50; bench/README.md)."""
-    gc.collect()
-    gc.freeze()
 
 
 def run(gateway: Gateway) -> None:

@@ -28,7 +28,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from .. import __version__
 from ..config import ServerConfig, is_loopback_host
-from ..gateway import settle_heap
+from ..heap import settle_heap
 from ..upstream.base import Era, UpstreamUnavailable
 from . import protocol as p
 from .link import ClientWire, Link, TunnelStream

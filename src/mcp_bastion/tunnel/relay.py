@@ -21,6 +21,7 @@ import structlog
 
 from ..config import ServerConfig
 from ..core.names import valid_server_name
+from ..heap import settle_heap
 from . import protocol as p
 from .link import AsgiWire, Link
 
@@ -147,6 +148,9 @@ class Relay:
                 from ..auth.store import Store
 
                 self._own_store = await Store.open(self.gateway.settings.store_url())
+                # SQLAlchemy and the store came after start-up froze the heap: out of the collector's
+                # sight too, or every full collection walks them (~12 ms each under load; heap.py).
+                settle_heap()
             return self._own_store
 
     async def close(self) -> None:
