@@ -845,7 +845,7 @@ async def test_a_gateway_that_stops_reading_is_held_off(connector: ConnectorFact
     got = await as_fake_gateway(connector, tmp_path, {"notes": notes_entry()}, scenario)
     # Held off after the outbox's 4 MiB, the PIPE's 4 MiB window, the pipes' buffers and the calls
     # the child took meanwhile (their answers are never dropped): 112-240 seen, far below 400. The
-    # calls the child takes vary with the timing; the read coalescing under load (tunnel/pacing.py)
+    # calls the child takes vary with the timing; the read coalescing under load (core/pacing.py)
     # reads its answers later, so it takes a few more.
     assert 40 <= got["sent"] < 320, got["sent"]
     echoed = {rid: f"{rid}:{text}" for rid in range(100, 100 + got["sent"])}
@@ -862,7 +862,7 @@ async def test_reads_are_coalesced_while_a_server_queues(
 ) -> None:
     """While calls queue at a server (one that works 4 ms per call, one at a time, and 12 callers in a
     closed loop), the connector leaves the link and the child's output unread for a window after a
-    read (tunnel/pacing.py) and says how often when it stops; every call still gets its own answer.
+    read (core/pacing.py) and says how often when it stops; every call still gets its own answer.
     With --coalesce-ms 0 it never holds a read."""
     started: list[subprocess.Popen[bytes]] = []
 

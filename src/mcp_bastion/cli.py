@@ -11,6 +11,7 @@ import typer
 
 from . import __version__
 from .config import (
+    MAX_COALESCE_MS,
     ConfigError,
     GatewaySettings,
     ServerConfig,
@@ -338,7 +339,7 @@ def connect(
             help="While a server is queueing, read at most once per this many milliseconds, so that "
             "each wake-up carries a batch (0: read every message at once).",
             min=0,
-            max=50,
+            max=int(MAX_COALESCE_MS),
         ),
     ] = 2,
     log_level: LogLevelOpt = None,

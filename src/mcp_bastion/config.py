@@ -223,6 +223,9 @@ def parse_mcp_servers(data: Any, source: str = "config") -> list[ServerConfig]:
     return [parse_server(name, entry) for name, entry in servers.items()]
 
 
+MAX_COALESCE_MS = 50.0  # a longer hold would add more to a call than any batch saves
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """Settings of the public edge; every field also reads MCP_BASTION_<FIELD> from the environment."""
@@ -241,6 +244,9 @@ class GatewaySettings:
     max_concurrent_per_session: int = 64
     request_timeout_seconds: float = 300.0
     keepalive_seconds: float = 15.0
+    # Read coalescing under load: while a stdio server queues, its output is left unread for this
+    # window after a read, so each wake-up carries a batch (core/pacing.py). 0: never.
+    coalesce_ms: float = 2.0
     # Answer handshake-era requests that carry no Mcp-Session-Id (as ChatGPT sends after its
     # first initialize) statelessly instead of with 400. Off: the spec's SHOULD is 400.
     allow_sessionless: bool = False
@@ -283,6 +289,8 @@ class GatewaySettings:
         for name in ("max_body_bytes", "max_sessions", "max_concurrent_per_session", "port"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ConfigError(f"{name} must be positive")
+        if not 0 <= self.coalesce_ms <= MAX_COALESCE_MS:
+            raise ConfigError(f"coalesce_ms must be between 0 and {MAX_COALESCE_MS:g}")
         if self.auth not in ("auto", "on", "off"):
             raise ConfigError("auth must be 'auto', 'on' or 'off'")
         unknown = set(self.redirect_presets) - {"claude", "chatgpt"}

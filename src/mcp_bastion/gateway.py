@@ -50,7 +50,8 @@ class Gateway:
         self._rotator: asyncio.Task[None] | None = None
         self.sealer = StateSealer()
         self.hubs: dict[str, Hub] = {}
-        self.entries = {s.name: ServerEntry(s, self._on_events) for s in servers}
+        coalesce = settings.coalesce_ms / 1000
+        self.entries = {s.name: ServerEntry(s, self._on_events, coalesce) for s in servers}
         self._listeners: dict[str, list[Hub]] = {name: [] for name in self.entries}
         entries = list(self.entries.values())
         for entry in entries:
@@ -78,7 +79,7 @@ class Gateway:
         """A server that joins while the gateway runs (a connector's): in /mcp and at /servers/<name>/mcp."""
         if config.name in self.entries or self.single:
             raise ValueError(f"cannot add server {config.name!r} here")
-        entry = ServerEntry(config, self._on_events)
+        entry = ServerEntry(config, self._on_events)  # its reads are coalesced on the connector
         entry.on_change = self._server_changed
         self.entries[config.name] = entry
         self._listeners[config.name] = []
@@ -291,7 +292,7 @@ class Gateway:
             await serving
         waiter.cancel()
         await self.close()
-        log.info("gateway_stopped")
+        log.info("gateway_stopped", reads_held={name: e.reads_held for name, e in self.entries.items()})
 
 
 def run(gateway: Gateway) -> None:

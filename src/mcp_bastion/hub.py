@@ -35,6 +35,7 @@ from .core.eras import (
 )
 from .core.forward import Broadcast, Delivery, Event, ServerRequest
 from .core.names import NameMap, PrefixMode, UriMap
+from .core.pacing import Pacer
 from .core.sealing import StateSealer
 from .peers import CallRoute, Peer, level_index
 from .upstream.base import Channel, Era, Unreachable, UpstreamUnavailable, modern_meta
@@ -91,10 +92,19 @@ class HeldCall:
 class ServerEntry:
     """One configured upstream server and its channels (per era; per session if isolated)."""
 
-    def __init__(self, config: ServerConfig, on_events: Callable[[Channel, list[Event]], None]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        on_events: Callable[[Channel, list[Event]], None],
+        coalesce_seconds: float = 0.0,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.on_events = on_events
+        # Read coalescing under load (core/pacing.py): each channel's window, 0 for none; a pacer per
+        # era and credentials, kept across restarts of the server.
+        self.coalesce_seconds = coalesce_seconds
+        self._pacers: dict[tuple[Era, str], Pacer] = {}
         self.channels: dict[Era, Channel] = {}
         # Channels carrying one identity's own credentials (``users`` in the config): (era, name).
         self.user_channels: dict[tuple[Era, str], Channel] = {}
@@ -106,6 +116,11 @@ class ServerEntry:
         self.last_error: str | None = None
         # Called when a channel comes up or goes down: aggregates announce list changes.
         self.on_change: Callable[[Channel], None] | None = None
+
+    @property
+    def reads_held(self) -> int:
+        """Reads of this server's output followed by a hold, over its life (logged at the end)."""
+        return sum(pacer.held for pacer in self._pacers.values())
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -131,6 +146,8 @@ class ServerEntry:
                 self.last_error = str(exc)
             raise UpstreamUnavailable(f"upstream {self.name!r}: {exc}") from None
         ch.credentials = credentials
+        if self.coalesce_seconds > 0:
+            ch.pace_with(self._pacers.setdefault((era, credentials), Pacer(self.coalesce_seconds)))
         ch.on_ready = self._on_ready
         ch.on_lost = self._on_lost
         try:

@@ -28,11 +28,11 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from .. import __version__
 from ..config import ServerConfig, is_loopback_host
+from ..core.pacing import DEFAULT_WINDOW, Pacer, link_delay
 from ..heap import settle_heap
 from ..upstream.base import Era, UpstreamUnavailable
 from . import protocol as p
 from .link import ClientWire, Link, TunnelStream
-from .pacing import DEFAULT_WINDOW, Pacer, link_delay
 from .pipe import ERA_HEADER, PIPE_METHOD, PipeHost, refuse
 from .relay import CONNECT_PATH
 
@@ -118,7 +118,7 @@ class Connector:
         self.name = name
         self.ssl = tls_context(ca_bundle) if self.endpoint.secure else None
         self.heartbeat_seconds = heartbeat_seconds
-        self.coalesce_seconds = coalesce_seconds  # read coalescing under load (tunnel/pacing.py); 0: off
+        self.coalesce_seconds = coalesce_seconds  # read coalescing under load (core/pacing.py); 0: off
         self.held = 0  # times the link was left unread for a window (logged at the end)
         self.configs = {s.name: s for s in servers}
         self.servers = list(self.configs)
@@ -165,7 +165,7 @@ class Connector:
         if self.link is not None and not self.link.closed.is_set():
             await self.link.close("the connector is shutting down", 1001)
         await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
-        held = {"link": self.held, "servers": sum(host.held for host in self.hosts.values())}
+        held = {"link": self.held, "servers": sum(host.pacer.held for host in self.hosts.values())}
         log.info("connector_stopped", reads_held=held)
 
     def host(self, server: str, era: Era) -> PipeHost:

@@ -333,7 +333,7 @@ class Link:
         self.on_open = on_open
         self.on_control = on_control
         self.clock = clock
-        self.pace = pace  # seconds to read nothing after a message of N bytes (tunnel/pacing.py)
+        self.pace = pace  # seconds to read nothing after a message of N bytes (core/pacing.py)
         self.streams: dict[int, TunnelStream] = {}
         self.closed = asyncio.Event()
         self.reason = ""

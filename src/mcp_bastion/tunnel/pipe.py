@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -27,8 +26,8 @@ from ..upstream.base import Channel, Era, Sink, Unreachable, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
+    from ..core.pacing import Pacer
     from .link import TunnelStream
-    from .pacing import Pacer
     from .relay import TunnelRegistry
 
 log = structlog.get_logger("mcp_bastion.tunnel")
@@ -254,8 +253,7 @@ class PipeHost:
     def __init__(self, config: ServerConfig, era: Era, pacer: Pacer) -> None:
         self.config = config
         self.era: Era = era
-        self.pacer = pacer  # this server's calls in flight, and when its reads are held
-        self.held = 0  # times the upstream's output was left unread for a window
+        self.pacer = pacer  # this server's calls in flight (its channel keeps it), when reads are held
         self.channel: Channel | None = None
         self._lock = asyncio.Lock()
         self.stream: TunnelStream | None = None
@@ -274,7 +272,7 @@ class PipeHost:
                 ch = make_channel(self.config, self.era, self._events)
                 ch.on_lost = self._upstream_lost
                 if self.pacer.window > 0:
-                    ch.pace = self._pace
+                    ch.pace_with(self.pacer)
                 try:
                     await ch.start()
                 except UpstreamUnavailable:
@@ -339,7 +337,6 @@ class PipeHost:
                 params = rpc.params_of(message)
                 rid = params.get("requestId")
                 up = self.ids.pop(rid, None) if isinstance(rid, str | int) else None
-                self.pacer.forget(up)
                 reason = params.get("reason")
                 why = reason if isinstance(reason, str) else None
                 cancel = None if up is None else ch.state.cancel(up, why)
@@ -360,7 +357,6 @@ class PipeHost:
                 return
         out = ch.state.forward_request(self, message)
         self.ids[message["id"]] = out["id"]
-        self.pacer.sent(out["id"], time.monotonic())
         if method == "tools/list":
             self.lists.add(out["id"])
         await ch.send(out)
@@ -372,7 +368,6 @@ class PipeHost:
                 message = ev.message
                 if ev.final:
                     up = self.ids.pop(ev.related, None) if ev.related is not None else None
-                    self.pacer.answered(up, time.monotonic())
                     if up in self.lists:
                         self.lists.discard(up)
                         message = self._filtered(message)
@@ -387,12 +382,6 @@ class PipeHost:
                 message = ev.message
             if outbox is not None:
                 outbox.put(message)
-
-    def _pace(self, read: int) -> float:
-        delay = self.pacer.delay(time.monotonic(), read)
-        if delay > 0:
-            self.held += 1
-        return delay
 
     def _filtered(self, message: rpc.Message) -> rpc.Message:
         result = message.get("result")
@@ -421,7 +410,6 @@ class PipeHost:
             stream.reset(reason)
         self.ids.clear()
         self.lists.clear()
-        self.pacer.clear()
         if ch is None:
             return
         for up_id in list(ch.state.pending):

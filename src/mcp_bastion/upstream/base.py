@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from ..core.eras import (
     META_PROTOCOL_VERSION,
 )
 from ..core.forward import ChannelState, Delivery, Event
+from ..core.pacing import Pacer
 
 Era = Literal["legacy", "modern"]
 log = structlog.get_logger("mcp_bastion.upstream")
@@ -97,8 +99,17 @@ class Channel:
         self.on_ready: Callable[[Channel], None] | None = None
         self.on_lost: Callable[[Channel], None] | None = None
         # Seconds to leave the upstream's output unread after a read of N bytes (0: none); honoured
-        # by stdio channels, set by the tunnel's connector (tunnel/pacing.py). None: never held.
+        # by stdio channels. None: never held. Usually set by pace_with (core/pacing.py).
         self.pace: Callable[[int], float] | None = None
+        # The calls in flight the pace is decided from; stdio channels keep it up to date.
+        self.pacer: Pacer | None = None
+
+    def pace_with(self, pacer: Pacer) -> None:
+        """Hold reads while this server queues (read coalescing, core/pacing.py): the channel tells
+        ``pacer`` each request it writes and each answer it reads, and asks it after every read.
+        A pacer may outlive the channel (a restarted child gets a new channel, the same pacer)."""
+        self.pacer = pacer
+        self.pace = lambda read: pacer.hold(time.monotonic(), read)
 
     @property
     def label(self) -> str:
@@ -146,6 +157,8 @@ class Channel:
         """The connection broke: callers in flight get a clear error now (``detail``: its full text)."""
         was_ready = self.ready.is_set()
         self.ready.clear()
+        if self.pacer is not None:
+            self.pacer.clear()  # its calls fail now: none is in flight any more
         if was_ready and self.on_lost is not None:
             self.on_lost(self)
         events: list[Event] = list(

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -150,6 +151,8 @@ class StdioChannel(Channel):
                 except (orjson.JSONDecodeError, rpc.ProtocolError) as exc:
                     log.warning("upstream_bad_message", server=self.server, error=str(exc)[:200])
                     continue
+                if self.pacer is not None and "method" not in msg:
+                    self.pacer.answered(msg["id"], time.monotonic())
                 self.received(msg)
             if lines.dropped != dropped:
                 dropped = lines.dropped
@@ -172,6 +175,8 @@ class StdioChannel(Channel):
             )
 
     async def _write(self, message: rpc.Message) -> None:
+        if self.pacer is not None and "method" in message:
+            self._paced(message)
         data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         out = self._out
         if out:  # not the first message of this turn: its checks hold, its flush is due
@@ -185,6 +190,16 @@ class StdioChannel(Channel):
         if proc.stdin.transport.get_write_buffer_size() > WRITE_BACKLOG:
             async with self._write_lock:  # the child reads slower than we write: wait for it
                 await proc.stdin.drain()
+
+    def _paced(self, message: rpc.Message) -> None:
+        """A request the pacer counts in flight (until its answer is read), or a cancellation."""
+        assert self.pacer is not None
+        if "id" in message:
+            self.pacer.sent(message["id"], time.monotonic())
+        elif message["method"] == "notifications/cancelled":
+            rid = rpc.params_of(message).get("requestId")
+            if type(rid) is int or type(rid) is str:
+                self.pacer.forget(rid)
 
     def _flush(self, stdin: asyncio.StreamWriter) -> None:
         """What was written in one turn of the loop goes to the child in one write: at C=50 a write

@@ -1,18 +1,29 @@
-"""The connector's read coalescing (tunnel/pacing.py): when it holds its reads, and when never.
+"""Read coalescing under load (core/pacing.py): when a gateway or a connector holds its reads of a
+stdio server's output, and when never.
 
-Sans-IO: times are plain numbers. A model of the rule checks every sequence hypothesis makes."""
+The rule is sans-IO (times are plain numbers; a model checks every sequence hypothesis makes); then a
+real stdio channel keeping its pacer, and a real gateway holding its reads while a server queues."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
+from pathlib import Path
 
+import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcp_bastion.tunnel.pacing import QUEUED_AFTER, SMALL_READ, Pacer, link_delay
+from mcp_bastion.core import jsonrpc as rpc
+from mcp_bastion.core.pacing import QUEUED_AFTER, SMALL_READ, Pacer, link_delay
 from mcp_bastion.upstream.stdio import StdioChannel
+from tests.conftest import GatewayFactory, servers_file
+from tests.support.external import stop_process
+
+STUBBORN = str(Path(__file__).parent / "servers" / "stubborn_server.py")
 
 W = 0.002
 
@@ -57,6 +68,13 @@ def test_never_holds_otherwise() -> None:
     quiet.sent("a", 0.0)
     quiet.sent("b", 0.0)
     assert quiet.delay(1.0) == 0
+
+
+def test_hold_counts_the_reads_it_holds() -> None:
+    pacer, now = queueing()
+    assert pacer.hold(now, 100) == W and pacer.held == 1
+    assert pacer.hold(now, SMALL_READ + 1) == 0 and pacer.held == 1  # not held: not counted
+    assert pacer.delay(now) == W and pacer.held == 1  # asking (the link's rule) is not holding
 
 
 def test_a_cancelled_call_is_not_an_answer_and_unknown_keys_are_ignored() -> None:
@@ -153,7 +171,7 @@ RAW_ECHO = """
 import sys, json
 for line in sys.stdin:
     m = json.loads(line)
-    if "id" not in m:
+    if "id" not in m or m.get("method") == "hang":
         continue
     if m.get("method") == "initialize":
         r = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
@@ -193,3 +211,74 @@ async def test_a_stdio_channel_leaves_the_childs_output_unread_for_the_window() 
                 assert took < 0.8, took  # read at once (a bound a loaded machine keeps by far)
     finally:
         await ch.close()
+
+
+async def test_a_paced_stdio_channel_keeps_its_calls_in_flight() -> None:
+    """``pace_with``: each request the channel writes is in flight until its answer is read; a
+    cancellation it writes forgets its call; a child that goes away takes its calls with it."""
+    pacer = Pacer(W)
+    ch = StdioChannel("raw", "legacy", lambda channel, events: None, sys.executable, ["-c", RAW_ECHO])
+    ch.pace_with(pacer)
+    await ch.start()
+    try:
+        await asyncio.wait_for(ch.ready.wait(), 30)
+        assert pacer.in_flight == 0  # the handshake's initialize was answered
+        answers = await asyncio.gather(*(ch.call("tools/call", {"n": n}, wait=10) for n in range(20)))
+        assert answers == [{"echo": {"n": n}} for n in range(20)] and pacer.in_flight == 0
+        hung = ch.state.forward_request(None, rpc.request(1, "hang"))
+        await ch.send(hung)
+        assert pacer.in_flight == 1
+        cancel = ch.state.cancel(hung["id"], "given up")
+        assert cancel is not None
+        await ch.send(cancel)
+        assert pacer.in_flight == 0
+        await ch.send(ch.state.forward_request(None, rpc.request(2, "hang")))
+        assert pacer.in_flight == 1
+    finally:
+        await ch.close()
+    assert pacer.in_flight == 0  # the channel is gone: nothing of it is in flight
+
+
+@pytest.mark.parametrize("coalesce_ms", ["2", "0"])
+async def test_the_gateway_holds_its_reads_while_a_server_queues(
+    gateway: GatewayFactory, tmp_path: Path, coalesce_ms: str
+) -> None:
+    """A server that works 4 ms per call, one at a time, and 12 sessions calling it in a closed loop:
+    calls queue, so the gateway leaves the child's output unread for a window after each read and
+    says how often when it stops (``reads_held``); every call still gets its own answer. With
+    ``coalesce_ms = 0`` it never holds a read."""
+    servers = servers_file(tmp_path, {"busy": {"command": sys.executable, "args": [STUBBORN]}})
+    gw = gateway("serve", "--config", str(servers), env={"MCP_BASTION_COALESCE_MS": coalesce_ms})
+    headers = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
+    url = f"{gw.base}/servers/busy/mcp"
+
+    async def caller(client: httpx.AsyncClient, n: int) -> list[str]:
+        init = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        r = await client.post(url, json=rpc.request(0, "initialize", init), headers=headers)
+        session = {**headers, "mcp-session-id": r.headers["mcp-session-id"]}
+        await client.post(url, json=rpc.notification("notifications/initialized"), headers=session)
+        texts = []
+        for k in range(8):
+            busy = {"name": "busy", "arguments": {"text": f"{n}.{k}", "seconds": 0.004}}
+            r = await client.post(url, json=rpc.request(k + 1, "tools/call", busy), headers=session)
+            answer = r.json()
+            assert answer["id"] == k + 1, answer
+            assert "result" in answer, answer
+            texts.append(answer["result"]["content"][0]["text"])
+        return texts
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        texts = await asyncio.gather(*(caller(client, n) for n in range(12)))
+    assert texts == [[f"{n}.{k}" for k in range(8)] for n in range(12)]
+    stop_process(gw.proc)
+    stopped = [json.loads(line) for line in gw.logs().splitlines() if '"gateway_stopped"' in line]
+    assert len(stopped) == 1, gw.logs()[-2000:]
+    held = stopped[0]["reads_held"]["busy"]
+    if coalesce_ms == "0":
+        assert held == 0
+    else:
+        assert held > 0  # 96 calls, 12 waiting at a time: the rule engaged (not a speed target)

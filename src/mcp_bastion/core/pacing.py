@@ -1,12 +1,13 @@
-"""When the connector reads in batches (read coalescing under load); no I/O, no clock of its own.
+"""When a process reads a stdio server's output in batches (read coalescing under load); no I/O, no clock.
 
-The connector shares a machine, often a core, with the servers it runs. Woken for every message (a
-request from the gateway, an answer from a child), it spent most of its CPU on the wake-ups
-themselves: at the MCP SDK echo server's pace (~1,300 calls/s at C=50, the child on the connector's
-core) ~2.5 context switches and 150-190 µs of CPU per call, where its work per message is a few
-tens of µs (bench/README.md, "Changed (5)"). Once a server is queueing, a read taken a moment later
-costs its calls nothing they notice, and every wake-up carries a batch: the connector then leaves
-its inputs (the link, the child's output) unread for one short window after each read.
+A gateway or a connector often shares a core with the stdio servers it runs. Woken for every message
+(a request from its client side, an answer from the child), it spent most of its CPU on the wake-ups
+themselves: at the MCP SDK echo server's pace (~1,300 calls/s at C=50, the child on the same core)
+~2.5 context switches and 150-290 µs of CPU per call, where its work per message is a few tens of µs
+(bench/README.md, "Changed (5)" and "Read coalescing on the gateway"). Once a server is queueing, a
+read taken a moment later costs its calls nothing they notice, and every wake-up carries a batch: the
+reader then leaves its inputs (the child's output; on a connector also the link) unread for one short
+window after each read.
 
 "Queueing" is all three: at least two calls are in flight to the server, the oldest of them has
 waited at least ``QUEUED_AFTER`` windows, and an answer came within the last window (answers come
@@ -30,10 +31,11 @@ SMALL_READ = 16 * 1024  # bytes: a larger read carries a batch already
 class Pacer:
     """The calls one server has in flight, and whether its reads should be held now."""
 
-    __slots__ = ("_last_answer", "_sent", "window")
+    __slots__ = ("_last_answer", "_sent", "held", "window")
 
     def __init__(self, window: float = DEFAULT_WINDOW) -> None:
         self.window = window  # 0: never hold
+        self.held = 0  # reads followed by a hold (:meth:`hold`), for the logs and the health report
         self._sent: dict[Hashable, float] = {}  # in the order they were sent: the first is the oldest
         self._last_answer = float("-inf")
 
@@ -66,6 +68,13 @@ class Pacer:
             return 0.0
         oldest = next(iter(self._sent.values()))
         return window if now - oldest >= QUEUED_AFTER * window else 0.0
+
+    def hold(self, now: float, read: int) -> float:
+        """:meth:`delay` for the server's own output, counted in ``held`` when it holds."""
+        delay = self.delay(now, read)
+        if delay > 0:
+            self.held += 1
+        return delay
 
 
 def link_delay(pacers: list[Pacer], now: float, read: int = 0) -> float:
