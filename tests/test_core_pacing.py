@@ -237,6 +237,8 @@ async def test_a_paced_stdio_channel_keeps_its_calls_in_flight() -> None:
     finally:
         await ch.close()
     assert pacer.in_flight == 0  # the channel is gone: nothing of it is in flight
+    await ch.send(ch.state.forward_request(None, rpc.request(3, "tools/call", {"n": 3})))
+    assert pacer.in_flight == 0  # never written (no child): never in flight either
 
 
 @pytest.mark.parametrize("coalesce_ms", ["2", "0"])

@@ -35,7 +35,7 @@ class Pacer:
 
     def __init__(self, window: float = DEFAULT_WINDOW) -> None:
         self.window = window  # 0: never hold
-        self.held = 0  # reads followed by a hold (:meth:`hold`), for the logs and the health report
+        self.held = 0  # reads followed by a hold (:meth:`hold`), logged when the process stops
         self._sent: dict[Hashable, float] = {}  # in the order they were sent: the first is the oldest
         self._last_answer = float("-inf")
 
