@@ -390,6 +390,8 @@ def test_defaults_are_valid() -> None:
         ({"max_body_bytes": 0}, "max_body_bytes must be positive"),
         ({"max_sessions": 0}, "max_sessions must be positive"),
         ({"max_concurrent_per_session": -5}, "max_concurrent_per_session must be positive"),
+        ({"coalesce_ms": -1}, "coalesce_ms must be between 0 and 50"),
+        ({"coalesce_ms": 50.5}, "coalesce_ms must be between 0 and 50"),
     ],
 )
 def test_invalid_settings(changes: dict[str, Any], fragment: str) -> None:
