@@ -17,11 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mcp_bastion.auth.identity import ANONYMOUS
+from mcp_bastion.config import parse_server
 from mcp_bastion.core import jsonrpc as rpc
 from mcp_bastion.core.pacing import QUEUED_AFTER, SMALL_READ, Pacer, link_delay
+from mcp_bastion.hub import ServerEntry
 from mcp_bastion.upstream.stdio import StdioChannel
-from tests.conftest import GatewayFactory, servers_file
+from tests.conftest import NOTES_SERVER, GatewayFactory, servers_file
 from tests.support.external import stop_process
+from tests.test_identity_routing import Collector
 
 STUBBORN = str(Path(__file__).parent / "servers" / "stubborn_server.py")
 
@@ -284,3 +288,29 @@ async def test_the_gateway_holds_its_reads_while_a_server_queues(
         assert held == 0
     else:
         assert held > 0  # 96 calls, 12 waiting at a time: the rule engaged (not a speed target)
+
+
+@pytest.mark.parametrize("isolation", ["shared", "session"])
+async def test_which_gateway_channels_are_paced(isolation: str) -> None:
+    """Shared channels are paced, with one pacer per era kept across restarts of the child; a
+    session's own child (``isolation = "session"``) is not: a pacer per session would outlive it, and
+    one shared by sessions would mix their calls."""
+    config = parse_server(
+        "notes", {"command": NOTES_SERVER[0], "args": NOTES_SERVER[1:], "isolation": isolation}
+    )
+    entry = ServerEntry(config, lambda ch, evs: None, coalesce_seconds=W)
+    peer = Collector("p", ANONYMOUS, "legacy")
+    try:
+        ch = await entry.channel("legacy", peer)
+        if isolation == "session":
+            assert ch.pacer is None and ch.pace is None
+            return
+        assert ch.pacer is not None and ch.pacer.window == W
+        await ch.close()  # as a child that exited: the next call opens a new channel
+        again = await entry.channel("legacy", peer)
+        assert again is not ch and again.pacer is ch.pacer
+        assert entry.reads_held == 0
+    finally:
+        await entry.close()
+        for own in peer.hub_channels.values():
+            await own.close()

@@ -101,8 +101,8 @@ class ServerEntry:
         self.config = config
         self.name = config.name
         self.on_events = on_events
-        # Read coalescing under load (core/pacing.py): each channel's window, 0 for none; a pacer per
-        # era and credentials, kept across restarts of the server.
+        # Read coalescing under load (core/pacing.py): each shared channel's window, 0 for none; a
+        # pacer per era and credentials, kept across restarts of the server.
         self.coalesce_seconds = coalesce_seconds
         self._pacers: dict[tuple[Era, str], Pacer] = {}
         self.channels: dict[Era, Channel] = {}
@@ -138,7 +138,7 @@ class ServerEntry:
     def usable_by(self, peer: Peer) -> bool:
         return self.credentials_for(peer) is not None
 
-    async def _open(self, era: Era, credentials: str = "") -> Channel:
+    async def _open(self, era: Era, credentials: str = "", *, paced: bool = True) -> Channel:
         try:
             ch = make_channel(self.config.for_credentials(credentials), era, self.on_events)
         except ConfigError as exc:  # e.g. a secret reference that does not resolve
@@ -146,7 +146,7 @@ class ServerEntry:
                 self.last_error = str(exc)
             raise UpstreamUnavailable(f"upstream {self.name!r}: {exc}") from None
         ch.credentials = credentials
-        if self.coalesce_seconds > 0:
+        if paced and self.coalesce_seconds > 0:
             ch.pace_with(self._pacers.setdefault((era, credentials), Pacer(self.coalesce_seconds)))
         ch.on_ready = self._on_ready
         ch.on_lost = self._on_lost
@@ -210,7 +210,9 @@ class ServerEntry:
                     await self._wait_ready(ch)
                     return ch
             try:
-                ch = await self._open(era, credentials)
+                # A session's own child (isolation) serves one client: not paced (a pacer per
+                # session would outlive it, and one shared by sessions would mix their calls).
+                ch = await self._open(era, credentials, paced=not isolated)
             except UpstreamUnavailable as exc:
                 if era == "modern" and self.config.era == "auto" and not isinstance(exc, Unreachable):
                     log.info("upstream_not_modern", server=self.name)
