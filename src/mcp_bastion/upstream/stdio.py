@@ -177,21 +177,19 @@ class StdioChannel(Channel):
     async def _write(self, message: rpc.Message) -> None:
         data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
         out = self._out
-        if out:  # not the first message of this turn: its checks hold, its flush is due
-            out.append(data)
-            if self.pacer is not None and "method" in message:
-                self._paced(message)
-            return
-        proc = self.proc
-        if proc is None or proc.stdin is None or proc.returncode is not None:
-            raise UpstreamUnavailable("is not running")  # not in flight: the pacer never hears of it
+        stdin = None
+        if not out:  # the first message of this turn: checked, and the turn's flush scheduled
+            proc = self.proc
+            if proc is None or proc.stdin is None or proc.returncode is not None:
+                raise UpstreamUnavailable("is not running")  # not in flight: the pacer never hears of it
+            stdin = proc.stdin
+            asyncio.get_running_loop().call_soon(self._flush, stdin)
         out.append(data)
-        asyncio.get_running_loop().call_soon(self._flush, proc.stdin)
         if self.pacer is not None and "method" in message:
             self._paced(message)
-        if proc.stdin.transport.get_write_buffer_size() > WRITE_BACKLOG:
+        if stdin is not None and stdin.transport.get_write_buffer_size() > WRITE_BACKLOG:
             async with self._write_lock:  # the child reads slower than we write: wait for it
-                await proc.stdin.drain()
+                await stdin.drain()
 
     def _paced(self, message: rpc.Message) -> None:
         """A request the pacer counts in flight (until its answer is read), or a cancellation."""
