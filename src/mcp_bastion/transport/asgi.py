@@ -136,12 +136,6 @@ class EventLog:
         return sse_event(None, f"{self.key}-0")
 
 
-def _ended_by_session(task: asyncio.Task[Any]) -> bool:
-    """A request task cancelled by its session's end, not this handler cancelled itself."""
-    current = asyncio.current_task()
-    return task.cancelled() and not (current is not None and current.cancelling())
-
-
 async def _respond_terminated(send: Send, down_id: rpc.RequestId | None, wants_sse: bool) -> None:
     """The answer to a request whose session ended while it ran (DELETE, expiry, shutdown).
 
@@ -155,6 +149,29 @@ async def _respond_terminated(send: Send, down_id: rpc.RequestId | None, wants_s
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     else:
         await respond_json(send, 404, rpc.error(down_id, rpc.INVALID_REQUEST, "Session terminated"))
+
+
+class PostStream(Stream):
+    """What comes for one handshake-era POST before its answer: progress, logs, a server request.
+
+    Usually nothing does, and the answer goes back as JSON. The first message (or :meth:`open`, when
+    the answer is slower than the keep-alive) opens the request's resumable event log, which turns the
+    response into an SSE stream; from then on messages go straight into the log."""
+
+    __slots__ = ("_open_log", "log")
+
+    def __init__(self, open_log: Callable[[], EventLog]) -> None:
+        super().__init__()
+        self.log: EventLog | None = None
+        self._open_log = open_log
+
+    def open(self) -> EventLog:
+        if self.log is None:
+            self.log = self._open_log()
+        return self.log
+
+    def put(self, item: Any) -> None:
+        self.open().append(item)
 
 
 class LegacySession(Peer):
@@ -674,103 +691,78 @@ class McpHttpApp:
         message: rpc.Message,
         wants_sse: bool,
     ) -> None:
-        """A handshake-era request: JSON, or a resumable SSE stream once anything precedes the answer."""
+        """A handshake-era request, run in this handler: answered as JSON, or as a resumable SSE
+        stream once anything precedes the answer or the answer is slower than the keep-alive.
+
+        No task per request (one, with its wake-ups, was ~18 % of the gateway's CPU per call at C=50,
+        bench/README.md): the session's end cancels this handler itself (``session.tasks``), and
+        once the response is SSE a reader task sends the log while the request runs on here."""
         down_id = message["id"]
+        me = asyncio.current_task()
+        assert me is not None
+        post: PostStream | None = None
+        reader: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle | None = None
+        if wants_sse:
+
+            def open_log() -> EventLog:
+                nonlocal reader
+                log = session.new_log()
+                reader = asyncio.create_task(self._read_log(send, receive, log, 0))
+                return log
+
+            post = PostStream(open_log)
+            session.post_streams[down_id] = post
+            timer = asyncio.get_running_loop().call_later(self.settings.keepalive_seconds, post.open)
         session.active_requests += 1
-        task = asyncio.create_task(hub.request(session, message))
-        session.tasks.add(task)
-        task.add_done_callback(session.tasks.discard)
-        if not wants_sse:
+        session.tasks.add(me)
+        reply: rpc.Message | None = None
+        try:
             try:
-                reply = await task
+                reply = await hub.request(session, message)
             except asyncio.CancelledError:
-                if not _ended_by_session(task):
+                if not session.closed:
                     raise
-                await _respond_terminated(send, down_id, wants_sse)
-                return
+                me.uncancel()  # the session ended (DELETE, expiry, shutdown): answered below
             finally:
+                session.tasks.discard(me)
                 session.active_requests -= 1
                 session.touch()
-            await respond_json(send, 200, reply)
-            return
-        stream = Stream()
-        session.post_streams[down_id] = stream
-        # Fast path: the answer comes before anything else, within the keep-alive window: JSON.
-        # (One future woken by the task, a message or a timer: asyncio.wait costs more per call.)
-        getter = stream.signal()
-        if not (task.done() or getter.done()):
-            task.add_done_callback(stream.wake)
-            timer = asyncio.get_running_loop().call_later(self.settings.keepalive_seconds, stream.wake)
-            try:
-                await getter
-            finally:
-                timer.cancel()
-        if task.done() and not stream.items:
-            session.post_streams.pop(down_id, None)
-            session.active_requests -= 1
-            session.touch()
-            if task.cancelled():
-                await _respond_terminated(send, down_id, wants_sse)
+                if post is not None:
+                    session.post_streams.pop(down_id, None)
+                    assert timer is not None
+                    timer.cancel()
+            log = post.log if post is not None else None
+            if log is None:
+                if reply is None:
+                    await _respond_terminated(send, down_id, wants_sse)
+                else:
+                    await respond_json(send, 200, reply)
                 return
-            await respond_json(send, 200, task.result())
-            return
-        # Otherwise a resumable SSE stream, fed by a producer that outlives this connection.
-        log = session.new_log()
-        producer = asyncio.create_task(self._produce(session, down_id, stream, task, log))
-        session.tasks.add(producer)
-        producer.add_done_callback(session.tasks.discard)
-        await self._read_log(send, receive, log, 0, allow_json=True)
-
-    async def _produce(
-        self,
-        session: LegacySession,
-        down_id: rpc.RequestId,
-        stream: Stream,
-        task: asyncio.Task[rpc.Message],
-        log: EventLog,
-    ) -> None:
-        """Move a request's messages and its answer into its event log, whoever is reading."""
-        try:
-            while True:
-                either: set[asyncio.Future[Any]] = {task, stream.signal()}
-                done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                while stream.items:
-                    log.append(stream.items.popleft())
-                if task in done:
-                    if task.cancelled():
-                        break
-                    log.append(task.result(), final=True)
-                    return
+            if reply is not None:
+                log.append(reply, final=True)
         finally:
-            if not log.done:
-                log.close()  # the session ended (its tasks were cancelled): the stream ends
-            session.post_streams.pop(down_id, None)
-            session.active_requests -= 1
-            session.touch()
+            if post is not None and post.log is not None and not post.log.done:
+                post.log.close()  # the session ended, or the request failed: the stream ends
+        if reader is not None:
+            try:
+                await reader
+            except asyncio.CancelledError:
+                reader.cancel()
+                raise
 
-    async def _read_log(
-        self, send: Send, receive: Receive, log: EventLog, start: int, *, allow_json: bool
-    ) -> None:
-        """Send a log's events from ``start`` until its answer; JSON if the answer came alone."""
+    async def _read_log(self, send: Send, receive: Receive, log: EventLog, start: int) -> None:
+        """Send a log's events from ``start`` as an SSE stream, until its answer or the client leaves."""
         disconnect = asyncio.create_task(self._wait_disconnect(receive))
-        started = False
         pos = start
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": log.priming(), "more_body": True})
             while True:
-                if allow_json and not started and log.done and log.messages == 0:
-                    if log.final is None:
-                        await _respond_terminated(send, None, True)
-                    else:
-                        await respond_json(send, 200, log.final)
-                    return
-                if not started and (pos < len(log.entries) or not allow_json or log.done):
-                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                    await send({"type": "http.response.body", "body": log.priming(), "more_body": True})
-                    started = True
-                while started and pos < len(log.entries):
+                while pos < len(log.entries):
                     await send({"type": "http.response.body", "body": log.entries[pos], "more_body": True})
                     pos += 1
-                if started and log.done and pos >= len(log.entries):
+                if log.done:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
                 log.changed.clear()
@@ -784,10 +776,6 @@ class McpHttpApp:
                 if disconnect in done:
                     return  # the request runs on; its events stay in the log for a resume
                 if not done:
-                    if not started:
-                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                        await send({"type": "http.response.body", "body": log.priming(), "more_body": True})
-                        started = True
                     await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
         except OSError:
             return
@@ -829,7 +817,7 @@ class McpHttpApp:
             log = session.logs.get(key)
             if log is not None and seq.isdigit() and int(seq) <= len(log.entries):
                 session.touch()
-                await self._read_log(send, receive, log, int(seq), allow_json=False)
+                await self._read_log(send, receive, log, int(seq))
                 return
         if session.get_stream is not None:
             await respond_json(
