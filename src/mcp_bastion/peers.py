@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .auth.identity import ANONYMOUS, Identity
 from .core import jsonrpc as rpc
+from .timers import later
 
 if TYPE_CHECKING:
     from .upstream.base import Channel
@@ -68,9 +69,9 @@ class Stream:
     messages, or what comes back to the handler of one forwarded request (its answer, or a request the
     upstream makes of the client meanwhile).
 
-    A deque and one waiter future, the deadline a loop timer: no task per wait (task creation was the
-    largest single cost per forwarded call), and ``asyncio.Queue.get`` under ``asyncio.timeout`` was
-    about a tenth of the gateway's samples per call at C=50 (py-spy)."""
+    A deque and one waiter future, the deadline a coarse timer (``timers.py``): no task per wait
+    (task creation was the largest single cost per forwarded call), and ``asyncio.Queue.get`` under
+    ``asyncio.timeout`` was about a tenth of the gateway's samples per call at C=50 (py-spy)."""
 
     __slots__ = ("_waiter", "items")
 
@@ -100,11 +101,11 @@ class Stream:
         """The next item; TimeoutError when none came within ``seconds``."""
         if not self.items:
             waiter = self.signal()
-            timer = asyncio.get_running_loop().call_later(seconds, self.wake)
+            deadline = later(seconds, self.wake)  # a coarse timer: this wait almost never times out
             try:
                 await waiter
             finally:
-                timer.cancel()
+                deadline.cancel()
             if not self.items:
                 raise TimeoutError
         return self.items.popleft()

@@ -36,6 +36,7 @@ from ..core.eras import (
 )
 from ..hub import Hub
 from ..peers import Peer, Stream
+from ..timers import Deadline, later
 from .security import HostPolicy
 
 if TYPE_CHECKING:
@@ -151,6 +152,47 @@ async def _respond_terminated(send: Send, down_id: rpc.RequestId | None, wants_s
         await respond_json(send, 404, rpc.error(down_id, rpc.INVALID_REQUEST, "Session terminated"))
 
 
+class SseWriter:
+    """The SSE response of a 2026-07-28 request, once it has one: it starts at the first message
+    before the answer (or when the answer is slower than the keep-alive) and is sent by its own task
+    while the request runs on in the handler; :meth:`finish` hands it the answer, which ends it."""
+
+    def __init__(self, send: Send, stream: Stream, keepalive: float, failed: Callable[[], None]) -> None:
+        self.send = send
+        self.stream = stream
+        self.keepalive = keepalive
+        self.failed = failed
+        self.final: rpc.Message | None = None
+        self.task = asyncio.create_task(self._run())
+
+    def finish(self, reply: rpc.Message) -> None:
+        self.final = reply
+        self.stream.wake()
+
+    async def _run(self) -> None:
+        stream, send = self.stream, self.send
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            while True:
+                while stream.items:
+                    note = sse_event(stream.items.popleft())
+                    await send({"type": "http.response.body", "body": note, "more_body": True})
+                if self.final is not None:
+                    last = sse_event(self.final)
+                    await send({"type": "http.response.body", "body": last, "more_body": False})
+                    return
+                getter = stream.signal()
+                timer = asyncio.get_running_loop().call_later(self.keepalive, stream.wake)
+                try:
+                    await getter
+                finally:
+                    timer.cancel()
+                if not stream.items and self.final is None:
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        except OSError:
+            self.failed()
+
+
 class PostStream(Stream):
     """What comes for one handshake-era POST before its answer: progress, logs, a server request.
 
@@ -229,10 +271,13 @@ class ModernExchange(Peer):
         # whose getrandom() was ~5 % of the gateway's samples per call (py-spy, C=50).
         super().__init__(f"x-{next(_exchange_ids)}", protocol_version)
         self.stream = Stream()
+        self.on_message: Callable[[], None] | None = None  # the handler's: a message before the answer
 
     def deliver(self, message: rpc.Message, related: rpc.RequestId | None, final: bool = False) -> None:
         if not self.closed:
             self.stream.put(message)
+            if self.on_message is not None:
+                self.on_message()
 
 
 _HEADERS_KEY = "mcp_bastion.headers"
@@ -593,74 +638,73 @@ class McpHttpApp:
         message: rpc.Message,
         wants_sse: bool,
     ) -> None:
-        """A 2026-07-28 request: JSON, or SSE once a notification precedes the answer.
+        """A 2026-07-28 request, run in this handler: JSON, or SSE (an :class:`SseWriter`) once a
+        notification precedes the answer or the answer is slower than the keep-alive.
 
-        Closing the response stream cancels the request (no resumability in this era)."""
-        stream = peer.stream
-        if not wants_sse:
+        Closing the response stream cancels the request (no resumability in this era): a watch on
+        the connection, started only when the answer takes longer than DISCONNECT_GRACE (most come
+        sooner), cancels this handler. No task per request (bench/README.md)."""
+        me = asyncio.current_task()
+        assert me is not None
+        writer: SseWriter | None = None
+        watch: asyncio.Task[None] | None = None
+        keepalive: Deadline | None = None
+        abandon: asyncio.Task[None] | None = None  # held here: the loop keeps only weak references
+        answered = gone = False
+        # No closure here refers to itself through a cell (a reference cycle per request would be
+        # left to the garbage collector): the grace deadline is a plain local.
+
+        def leave() -> None:  # the client closed the stream, or writing to it failed
+            nonlocal gone, abandon
+            if not answered and not gone:
+                gone = True
+                abandon = asyncio.create_task(abandoned())
+
+        async def abandoned() -> None:
+            await hub.detach(peer)  # its calls are cancelled upstream while still in flight
+            if not answered:
+                me.cancel()
+
+        def start_sse() -> None:
+            nonlocal writer
+            if writer is None and not answered:
+                writer = SseWriter(send, peer.stream, self.settings.keepalive_seconds, leave)
+
+        def watch_connection() -> None:
+            nonlocal watch, keepalive
+            watch = asyncio.create_task(self._wait_disconnect(receive))
+            watch.add_done_callback(lambda task: None if task.cancelled() else leave())
+            if wants_sse:
+                keepalive = later(self.settings.keepalive_seconds - DISCONNECT_GRACE, start_sse)
+
+        if wants_sse:
+            peer.on_message = start_sse
+        else:
             peer.closed = True  # a JSON-only client gets the answer alone
-        task = asyncio.create_task(hub.request(peer, message))
-        task.add_done_callback(stream.wake)
-        # The watch for a dropped connection starts only when the answer takes longer than
-        # DISCONNECT_GRACE: most answers come sooner, and a task per request was a measured cost.
-        disconnect: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
-        started_sse = False
+        grace = later(DISCONNECT_GRACE, watch_connection)
         try:
-            while True:
-                getter = stream.signal()
-                if not (task.done() or getter.done() or (disconnect is not None and disconnect.done())):
-                    wait = self.settings.keepalive_seconds
-                    if disconnect is None:
-                        wait = min(wait, DISCONNECT_GRACE)
-                    timer = loop.call_later(wait, stream.wake)
-                    try:
-                        await getter
-                    finally:
-                        timer.cancel()
-                if stream.items:
-                    if not started_sse:
-                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                        started_sse = True
-                    while stream.items:
-                        note = sse_event(stream.items.popleft())
-                        await send({"type": "http.response.body", "body": note, "more_body": True})
-                    continue
-                if task.done():
-                    reply = task.result()
-                    if not started_sse:
-                        status = (
-                            MODERN_ERROR_STATUS.get(reply["error"].get("code"), 200)
-                            if "error" in reply
-                            else 200
-                        )
-                        await respond_json(send, status, reply)
-                        return
-                    while stream.items:  # notifications that raced the answer go first
-                        note = sse_event(stream.items.popleft())
-                        await send({"type": "http.response.body", "body": note, "more_body": True})
-                    await send({"type": "http.response.body", "body": sse_event(reply), "more_body": False})
-                    return
-                if disconnect is None:
-                    disconnect = asyncio.create_task(self._wait_disconnect(receive))
-                    disconnect.add_done_callback(stream.wake)
-                    continue
-                if disconnect.done():
-                    task.cancel()
-                    await hub.detach(peer)
-                    return
-                if not wants_sse:
-                    continue
-                if not started_sse:  # a long call: commit to SSE so proxies see bytes
-                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                    started_sse = True
-                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
-        except OSError:
-            task.cancel()
-            await hub.detach(peer)
+            reply = await hub.request(peer, message)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            me.uncancel()  # the client went away (``abandoned`` cancelled its calls upstream)
+            if writer is not None:
+                writer.task.cancel()
+            return
         finally:
-            if disconnect is not None:
-                disconnect.cancel()
+            answered = True
+            peer.on_message = None
+            grace.cancel()
+            if keepalive is not None:
+                keepalive.cancel()
+            if watch is not None:
+                watch.cancel()
+        if writer is None:
+            status = MODERN_ERROR_STATUS.get(reply["error"].get("code"), 200) if "error" in reply else 200
+            await respond_json(send, status, reply)
+            return
+        writer.finish(reply)  # after the notifications that raced it
+        await writer.task
 
     async def _sessionless(
         self,
@@ -702,7 +746,7 @@ class McpHttpApp:
         assert me is not None
         post: PostStream | None = None
         reader: asyncio.Task[None] | None = None
-        timer: asyncio.TimerHandle | None = None
+        keepalive: Deadline | None = None
         if wants_sse:
 
             def open_log() -> EventLog:
@@ -713,7 +757,7 @@ class McpHttpApp:
 
             post = PostStream(open_log)
             session.post_streams[down_id] = post
-            timer = asyncio.get_running_loop().call_later(self.settings.keepalive_seconds, post.open)
+            keepalive = later(self.settings.keepalive_seconds, post.open)
         session.active_requests += 1
         session.tasks.add(me)
         reply: rpc.Message | None = None
@@ -730,8 +774,8 @@ class McpHttpApp:
                 session.touch()
                 if post is not None:
                     session.post_streams.pop(down_id, None)
-                    assert timer is not None
-                    timer.cancel()
+                    assert keepalive is not None
+                    keepalive.cancel()
             log = post.log if post is not None else None
             if log is None:
                 if reply is None:
