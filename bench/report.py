@@ -25,6 +25,7 @@ CellKey = tuple[str, str, int, int]  # subject, era, payload, concurrency
 BASELINE = "direct-sse"
 BASELINE_JSON = "direct-json"
 CEILING = "asgi-ceiling"
+FLOOR = "pipe-floor"  # the hop alone (bench/upstreams/pipe_floor.py)
 TARGET_C = 50
 TUNNEL = "bastion-tunnel/"  # compared with the direct gateway path, bastion-single/<same upstream>
 TUNNEL_MAX_ADDED_P50_MS = 1.0  # issue 5: at most 1 ms added per call (p50, loopback)
@@ -400,6 +401,10 @@ def targets(res: Results) -> list[str]:
             ceiling = median(res.values((CEILING, era, small, TARGET_C), thr))
             if ceiling:
                 checks.append(f"{mine / ceiling:.2f}× ceiling (need 0.5×) {tick(mine >= 0.5 * ceiling)}")
+            floor = median(res.values((FLOOR, era, small, TARGET_C), thr))
+            if ceiling and floor:
+                hop = f"{floor / ceiling:.2f}× ceiling; this path {mine / floor:.2f}× it"
+                checks.append(f"(`{FLOOR}`, the hop alone: {hop})")
         else:
             ratio = median(res.ratios(key, BASELINE, thr))
             if ratio:
@@ -549,6 +554,7 @@ _FIXED_STYLE = {
     "direct-json": ("dimgray", "--"),
     CEILING: ("gray", ":"),
     "starlette-ceiling": ("darkgray", "-."),
+    FLOOR: ("silver", "--"),
 }
 _BRIDGE_COLORS = {
     "bastion-expose": "tab:red",

@@ -9,6 +9,8 @@ Subjects:
   * ``direct-sse`` / ``direct-json``: the SDK echo server served over HTTP by the SDK itself;
   * ``asgi-ceiling``: a bare ASGI app answering the calls itself (no hop) on uvicorn;
   * ``starlette-ceiling``: the same written on Starlette (what the framework costs);
+  * ``pipe-floor``: the leanest forwarder of mcp-bastion's shape (uvicorn app, one pipe to the raw
+    child, ids rewritten, nothing else): what the hop itself costs, a bound for any real bridge;
   * ``bastion-expose/U``: ``mcp-bastion expose --port P -- CMD``;
   * ``bastion-agg/U`` / ``bastion-single/U``: ``mcp-bastion serve --config FILE --port P``,
     aggregated endpoint ``/mcp`` (tool ``echo_echo``) and single-server path ``/servers/echo/mcp``;
@@ -260,6 +262,13 @@ def catalog() -> list[Subject]:
             None,
             _ceiling("starlette_ceiling.py"),
             note="Starlette app, no hop",
+        ),
+        Subject(
+            "pipe-floor",
+            "ceiling",
+            None,
+            _ceiling("pipe_floor.py"),
+            note="the hop alone: uvicorn app forwarding to the raw child, ids rewritten, nothing else",
         ),
     ]
     for kind in UPSTREAM_KINDS:

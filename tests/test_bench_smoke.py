@@ -1,9 +1,9 @@
 """Smoke run of the benchmark harness (``bench/``) so that it cannot rot.
 
 A few verified calls per subject that needs no extra install (the SDK's own HTTP server in SSE and
-JSON mode, the no-hop ceilings, mcp-bastion's single-server and aggregated paths in front of both
-upstreams, and the tunnel path: gateway plus connector), in both protocol eras, plus a tiny set-up
-storm and idle-session test; the two stdio upstreams on their own; and the load generator's
+JSON mode, the no-hop ceilings, the pipe floor, mcp-bastion's single-server and aggregated paths in
+front of both upstreams, and the tunnel path: gateway plus connector), in both protocol eras, plus a
+tiny set-up storm and idle-session test; the two stdio upstreams on their own; and the load generator's
 misrouting detector against a server that misroutes on purpose. The peers
 (``bench/setup_peers.sh``) and the full run are not part of it.
 
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAMS = ROOT / "bench" / "upstreams"
 
-BASELINE_SUBJECTS = ["direct-sse", "direct-json", "asgi-ceiling", "starlette-ceiling"]
+BASELINE_SUBJECTS = ["direct-sse", "direct-json", "asgi-ceiling", "starlette-ceiling", "pipe-floor"]
 BASTION_SUBJECTS = [
     "bastion-expose/sdk",
     "bastion-expose/raw",
