@@ -108,3 +108,48 @@ def test_health_endpoints(gateway: GatewayFactory) -> None:
             time.sleep(0.2)
     assert resp.status_code == 503 and resp.json()["ready"] is False
     assert httpx.get(f"{bad.base}/healthz").status_code == 200
+
+
+async def test_a_slow_answer_turns_into_an_sse_stream_with_keepalives(gateway: GatewayFactory) -> None:
+    """An answer slower than ``keepalive_seconds``, with nothing before it: a client that takes SSE
+    gets the stream (handshake era: the priming event first) with ``: keep-alive`` comments, then
+    the answer; a JSON-only client waits for its JSON. Both eras; the request runs in its handler,
+    and the switch comes from a timer (timers.py), not from a message."""
+    gw = gateway("expose", "--", *NOTES_SERVER, env={"MCP_BASTION_KEEPALIVE_SECONDS": "0.6"})
+    slow = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "slow", "arguments": {}}}
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    modern = {**HEADERS, "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "slow"}
+    legacy = open_session(gw.url)
+    cases = [
+        ("handshake", legacy, {**slow["params"]}),
+        ("2026-07-28", modern, {**slow["params"], "_meta": meta}),
+    ]
+    async with httpx.AsyncClient(timeout=30) as client:
+        for era, headers, params in cases:
+            body = {**slow, "params": {**params, "arguments": {"seconds": 1.6}}}
+            started = time.monotonic()
+            arrivals: list[tuple[float, str]] = []
+            async with client.stream("POST", gw.url, headers=headers, json=body) as resp:
+                assert resp.status_code == 200, era
+                assert resp.headers["content-type"].startswith("text/event-stream"), era
+                head_at = time.monotonic() - started
+                async for line in resp.aiter_lines():
+                    arrivals.append((time.monotonic() - started, line))
+            text = "\n".join(line for _, line in arrivals)
+            assert 0.5 <= head_at < 1.4, (era, head_at)  # at the keep-alive, long before the answer
+            keepalives = [at for at, line in arrivals if line == ": keep-alive"]
+            assert keepalives and keepalives[0] < 1.4, (era, arrivals)
+            got = events(text)
+            assert [d["result"]["content"][0]["text"] for _, d in got if d.get("id") == 7] == ["done"], era
+            answer_at = next(at for at, line in arrivals if line.startswith("data: {"))
+            assert answer_at >= 1.5, (era, answer_at)
+            if era == "handshake":
+                assert arrivals[0][1].startswith("id: s") and arrivals[0][1].endswith("-0"), arrivals
+            # A client that takes only JSON gets the answer alone, as JSON.
+            json_only = {**headers, "Accept": "application/json"}
+            resp = await client.post(gw.url, headers=json_only, json={**body, "id": 8})
+            assert resp.status_code == 200 and resp.headers["content-type"] == "application/json", era
+            assert resp.json()["id"] == 8 and resp.json()["result"]["content"][0]["text"] == "done"

@@ -173,6 +173,8 @@ class SseWriter:
         stream, send = self.stream, self.send
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            if not stream.items and self.final is None:  # started by the keep-alive: show it
+                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
             while True:
                 while stream.items:
                     note = sse_event(stream.items.popleft())
@@ -684,12 +686,12 @@ class McpHttpApp:
         grace = later(DISCONNECT_GRACE, watch_connection)
         try:
             reply = await hub.request(peer, message)
-        except asyncio.CancelledError:
-            if not gone:
+        except BaseException as exc:
+            if writer is not None:
+                writer.task.cancel()  # it would keep a stream nobody completes alive
+            if not (gone and isinstance(exc, asyncio.CancelledError)):
                 raise
             me.uncancel()  # the client went away (``abandoned`` cancelled its calls upstream)
-            if writer is not None:
-                writer.task.cancel()
             return
         finally:
             answered = True
