@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+from asgi_cli import parser, run  # type: ignore[import-not-found]  # a sibling script
 from raw_echo import respond  # type: ignore[import-not-found]  # a sibling script
 
 Scope = MutableMapping[str, Any]
@@ -118,17 +119,11 @@ app = CeilingApp()
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--misroute-every", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--misroute-every", type=int, default=0, help=argparse.SUPPRESS)
+    args = options.parse_args()
     app.misroute_every = args.misroute_every
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off")
+    run(app, args)
 
 
 if __name__ == "__main__":

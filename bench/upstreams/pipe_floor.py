@@ -15,7 +15,6 @@ each way), so it bounds from above what a real bridge reaches against the ceilin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from asgi_cli import parser, run  # type: ignore[import-not-found]  # a sibling script
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -135,17 +135,7 @@ async def _reply(
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
-    uvicorn.run(
-        PipeFloor(), host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off"
-    )
+    run(PipeFloor(), parser(__doc__).parse_args())
 
 
 if __name__ == "__main__":

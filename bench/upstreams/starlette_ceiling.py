@@ -8,10 +8,10 @@ per call on this machine (routing, ``Request.body()``, ``Response``)::
 
 from __future__ import annotations
 
-import argparse
 import uuid
 
 import orjson
+from asgi_cli import parser, run  # type: ignore[import-not-found]  # a sibling script
 from raw_echo import respond  # type: ignore[import-not-found]  # a sibling script
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -50,15 +50,7 @@ app = Starlette(routes=[Route("/mcp", mcp, methods=["POST", "DELETE"])])
 
 
 def main() -> None:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    run(app, parser(__doc__).parse_args(), lifespan="auto")
 
 
 if __name__ == "__main__":
