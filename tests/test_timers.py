@@ -84,3 +84,22 @@ def test_the_module_timers_follow_the_running_loop() -> None:
     asyncio.run(main())
     asyncio.run(main())
     assert seen[0] is not None and seen[1] is not None and seen[0] is not seen[1]
+
+
+def test_a_deadline_cancelled_by_an_earlier_callback_of_its_slot_does_not_fire() -> None:
+    async def main() -> None:
+        t = Timers(asyncio.get_running_loop())
+        fired: list[str] = []
+        second = None
+
+        def first() -> None:
+            fired.append("first")
+            assert second is not None
+            second.cancel()
+
+        t.later(0.02, first)
+        second = t.later(0.02, lambda: fired.append("second"))
+        await asyncio.sleep(0.02 + 3 * RESOLUTION)
+        assert fired == ["first"]
+
+    asyncio.run(main())

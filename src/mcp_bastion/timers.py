@@ -21,6 +21,7 @@ log = structlog.get_logger("mcp_bastion.timers")
 
 RESOLUTION = 0.025  # seconds per slot
 SLACK = 0.001  # a slot this close to now is due (the loop may wake a little before its timer)
+_GONE = object()
 
 
 class Deadline:
@@ -73,8 +74,10 @@ class Timers:
         now = self.loop.time() + SLACK
         due = self._due
         while due and due[0] * RESOLUTION <= now:
-            slot = self._slots.pop(heapq.heappop(due), None)
-            for deadline in list(slot or ()):
+            slot = self._slots.pop(heapq.heappop(due), None) or {}
+            for deadline in list(slot):
+                if slot.pop(deadline, _GONE) is _GONE:
+                    continue  # cancelled by a callback before it in this slot
                 try:
                     deadline.callback()
                 except Exception:  # one faulty callback must not stop the others
@@ -83,6 +86,8 @@ class Timers:
             self._arm(due[0])
 
 
+# The running loop's timers. A process that alternates between loops (threads) gets new ones at each
+# switch; the old ones still fire their own deadlines (their loop timer holds them), only less shared.
 _current: Timers | None = None
 
 
