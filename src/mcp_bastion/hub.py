@@ -52,6 +52,9 @@ LIST_METHODS = {
 CACHEABLE = {*LIST_METHODS, "resources/read", "server/discover"}
 ENVELOPE_KEYS = (META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL)
 MRTR_HOLD_SECONDS = 300.0
+# Why a call is cancelled upstream when nobody waits for its answer any more: its handler was
+# cancelled (the session ended, the 2026-07-28 stream closed, shutdown) or its peer detached.
+GONE = "client went away"
 # What a client must declare to be asked each kind of server request.
 CAPABILITY_FOR = {
     "sampling/createMessage": "sampling",
@@ -306,7 +309,7 @@ class Hub:
         """A session ended or an exchange closed: cancel its calls upstream."""
         self.peers.discard(peer)
         for down_id in list(peer.inflight):
-            await self.cancel(peer, down_id, "client went away")
+            await self.cancel(peer, down_id, GONE)
         for ch, up_id in list(peer.upstream_listens.values()):
             note = ch.state.cancel(up_id, "session ended")
             if note is not None:
@@ -640,6 +643,9 @@ class Hub:
                 return rpc.error(
                     down_id, rpc.REQUEST_TIMEOUT, f"upstream {channel.server!r} did not answer in time"
                 )
+            except asyncio.CancelledError:
+                await self.cancel(peer, down_id, GONE)
+                raise
             finally:
                 peer.inflight.pop(down_id, None)
             reply: rpc.Message = payload
@@ -727,6 +733,9 @@ class Hub:
             self.held.pop(held.handle, None)
             await self.cancel(peer, down_id, "timed out")
             return rpc.error(down_id, rpc.REQUEST_TIMEOUT, "upstream did not answer in time")
+        except asyncio.CancelledError:
+            await self.cancel(peer, down_id, GONE)
+            raise
         finally:
             peer.inflight.pop(down_id, None)
         finals = [p for k, p in batch if k == "final"]

@@ -651,21 +651,15 @@ class McpHttpApp:
         writer: SseWriter | None = None
         watch: asyncio.Task[None] | None = None
         keepalive: Deadline | None = None
-        abandon: asyncio.Task[None] | None = None  # held here: the loop keeps only weak references
         answered = gone = False
         # No closure here refers to itself through a cell (a reference cycle per request would be
         # left to the garbage collector): the grace deadline is a plain local.
 
         def leave() -> None:  # the client closed the stream, or writing to it failed
-            nonlocal gone, abandon
+            nonlocal gone
             if not answered and not gone:
                 gone = True
-                abandon = asyncio.create_task(abandoned())
-
-        async def abandoned() -> None:
-            await hub.detach(peer)  # its calls are cancelled upstream while still in flight
-            if not answered:
-                me.cancel()
+                me.cancel()  # the hub cancels the request's calls upstream as the cancellation passes
 
         def start_sse() -> None:
             nonlocal writer
@@ -691,7 +685,8 @@ class McpHttpApp:
                 writer.task.cancel()  # it would keep a stream nobody completes alive
             if not (gone and isinstance(exc, asyncio.CancelledError)):
                 raise
-            me.uncancel()  # the client went away (``abandoned`` cancelled its calls upstream)
+            me.uncancel()  # the client went away
+            await hub.detach(peer)  # what else it held upstream (a subscription, its own channels)
             return
         finally:
             answered = True
