@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mcp_bastion.auth.identity import ANONYMOUS
 from mcp_bastion.config import parse_server
 from mcp_bastion.core import jsonrpc as rpc
-from mcp_bastion.core.pacing import QUEUED_AFTER, SMALL_READ, Pacer, link_delay
+from mcp_bastion.core.pacing import MAX_WINDOWS, QUEUED_AFTER, SMALL_READ, SMOOTHING, Pacer, link_delay
 from mcp_bastion.hub import ServerEntry
 from mcp_bastion.upstream.stdio import StdioChannel
 from tests.conftest import NOTES_SERVER, GatewayFactory, servers_file
@@ -32,28 +32,47 @@ STUBBORN = str(Path(__file__).parent / "servers" / "stubborn_server.py")
 W = 0.002
 
 
-def queueing(window: float = W) -> tuple[Pacer, float]:
-    """A pacer with two calls in flight, the oldest waited long enough, an answer just now."""
+def queueing(window: float = W, calls: int = 10, gap: float = 0.004) -> tuple[Pacer, float]:
+    """A server taking ``gap`` per call, ``calls`` sent 1 ms apart, the first answered just now at
+    50 ms: ``calls - 1`` in flight, the oldest (sent at 1 ms) has waited 49 ms."""
     pacer = Pacer(window)
-    pacer.sent("a", 0.0)
-    pacer.sent("b", 0.001)
-    pacer.sent("c", 0.002)
-    now = QUEUED_AFTER * window + 0.001
-    pacer.answered("a", now)
+    for k in range(calls):
+        pacer.sent(k, 0.001 * k)
+    now = 0.05
+    pacer.answered(0, now)
+    pacer.gap = gap  # as if measured over many answers (the running mean: its own test below)
     return pacer, now
 
 
-def test_holds_while_a_server_queues() -> None:
+def test_holds_a_quarter_of_the_queues_work_while_a_server_queues() -> None:
     pacer, now = queueing()
-    assert pacer.in_flight == 2
-    assert pacer.delay(now) == W
-    assert pacer.delay(now + W) == W  # an answer within the last window still counts
-    assert pacer.delay(now + W + 0.0001) == 0  # answers stopped coming: not a queue
-    assert pacer.delay(now, SMALL_READ) == W
+    assert pacer.in_flight == 9
+    # 8 calls wait behind the one the server works on, 4 ms each: 32 ms of work; waited 49 ms
+    assert pacer.delay(now) == pytest.approx(0.032 / QUEUED_AFTER)
+    assert pacer.delay(now + 0.008) == pytest.approx(0.008)  # an answer within the hold still counts
+    assert pacer.delay(now + 0.0081) == 0  # answers stopped coming: not a queue
+    assert pacer.delay(now, SMALL_READ) == pytest.approx(0.008)
     assert pacer.delay(now, SMALL_READ + 1) == 0  # a large read is a batch: holding would fill the pipe
 
 
-def test_never_holds_otherwise() -> None:
+def test_the_hold_is_bounded_by_the_oldest_wait_and_by_max_windows() -> None:
+    young = Pacer(W)  # the queue's work is long, the oldest call has waited only 10 ms
+    for k in range(10):
+        young.sent(k, 0.04 + 0.0001 * k)
+    young.answered(0, 0.05)
+    young.gap = 0.004
+    assert young.delay(0.05) == pytest.approx((0.05 - 0.0401) / QUEUED_AFTER)
+    slow, now = queueing(gap=0.1)  # 800 ms of work, but the oldest waited 49 ms
+    assert slow.delay(now) == pytest.approx(0.049 / QUEUED_AFTER)
+    later = 2.0
+    slow.answered(1, later)
+    slow.gap = 0.1
+    assert slow.delay(later) == pytest.approx(MAX_WINDOWS * W)  # waited 2 s: at most 8 windows
+
+
+def test_never_holds_less_than_a_window_or_otherwise() -> None:
+    quick, now = queueing(gap=0.0002)  # a fast server: 1.6 ms of work queued, a 0.4 ms hold
+    assert quick.delay(now) == 0
     assert Pacer(0.0).delay(1.0) == 0  # off
     pacer, now = queueing(0.0)
     assert pacer.delay(now) == 0  # off, even while queueing
@@ -61,68 +80,72 @@ def test_never_holds_otherwise() -> None:
     one.sent("a", 0.0)
     one.sent("b", 0.0)
     one.answered("a", 1.0)
+    one.gap = 0.004
     assert one.delay(1.0) == 0
-    fresh = Pacer(W)  # the oldest call has not waited QUEUED_AFTER windows yet
-    fresh.sent("a", 0.0)
-    fresh.sent("b", 0.0)
-    fresh.sent("c", 0.0)
-    fresh.answered("a", QUEUED_AFTER * W - 0.0001)
-    assert fresh.delay(QUEUED_AFTER * W - 0.0001) == 0
+    fresh, _ = queueing()  # the oldest call has not waited QUEUED_AFTER windows yet
+    assert fresh.delay(0.001 + QUEUED_AFTER * W - 0.0001) == 0
     quiet = Pacer(W)  # calls wait, but no answer came: one long call is not a queue
-    quiet.sent("a", 0.0)
-    quiet.sent("b", 0.0)
+    for k in range(5):
+        quiet.sent(k, 0.0)
+    quiet.gap = 0.004
     assert quiet.delay(1.0) == 0
+
+
+def test_the_gap_is_the_running_mean_time_between_answers() -> None:
+    pacer = Pacer(W)
+    for k in range(200):
+        pacer.sent(k, 0.0)
+    for k in range(100):
+        pacer.answered(k, 1.0 + 0.003 * k)  # one answer every 3 ms
+    assert pacer.gap == pytest.approx(0.003, rel=1e-3)
+    for k in range(100, 110):  # ten answers at once (read in one batch): the mean barely moves...
+        pacer.answered(k, 1.5)
+    batch = pacer.gap
+    assert 0.0005 < batch < 0.003
+    pacer.answered(110, 100.0)  # ...and an idle spell counts as the longest hold, not as work
+    assert pacer.gap == pytest.approx(batch + (MAX_WINDOWS * W - batch) * SMOOTHING)
+    pacer.answered("unknown", 101.0)
+    pacer.forget(111)
+    assert pacer.gap == pytest.approx(batch + (MAX_WINDOWS * W - batch) * SMOOTHING)  # not answers
 
 
 def test_hold_counts_the_reads_it_holds() -> None:
     pacer, now = queueing()
-    assert pacer.hold(now, 100) == W and pacer.held == 1
+    assert pacer.hold(now, 100) > 0 and pacer.held == 1
     assert pacer.hold(now, SMALL_READ + 1) == 0 and pacer.held == 1  # not held: not counted
-    assert pacer.delay(now) == W and pacer.held == 1  # asking (the link's rule) is not holding
+    assert pacer.delay(now) > 0 and pacer.held == 1  # asking (the link's rule) is not holding
 
 
 def test_a_cancelled_call_is_not_an_answer_and_unknown_keys_are_ignored() -> None:
-    pacer = Pacer(W)
-    pacer.sent("a", 0.0)
-    pacer.sent("b", 0.0)
-    pacer.sent("c", 0.0)
-    pacer.forget("a")
-    pacer.answered("zzz", 1.0)  # not in flight: not an answer either
-    assert pacer.in_flight == 2
-    assert pacer.delay(1.0) == 0
-    pacer.answered("b", 1.0)
-    pacer.sent("d", 1.0)
-    assert pacer.delay(1.0) == W  # "c", sent at 0, is the oldest now
+    pacer, now = queueing()
+    pacer.forget(1)
+    pacer.answered("zzz", now)  # not in flight: not an answer either
+    assert pacer.in_flight == 8
+    # the oldest is now the call sent at 2 ms; 7 wait behind it
+    assert pacer.delay(now) == pytest.approx(7 * 0.004 / QUEUED_AFTER)
     pacer.clear()
-    assert pacer.in_flight == 0 and pacer.delay(1.0) == 0
+    assert pacer.in_flight == 0 and pacer.delay(now) == 0
 
 
 def test_a_key_sent_again_counts_from_its_new_time() -> None:
-    pacer = Pacer(W)
-    pacer.sent("a", 0.0)
-    pacer.sent("b", 0.005)
-    pacer.sent("c", 0.006)
-    pacer.sent("a", 0.010)  # again: "b" is now the oldest call in flight
-    pacer.answered("c", 0.012)
-    assert pacer.delay(0.0135) == W  # "b" has waited 8.5 ms, 4 windows and more
+    pacer, now = queueing(calls=4, gap=0.1)  # hold bounded by the oldest call's wait
+    assert pacer.delay(now) == pytest.approx(0.049 / QUEUED_AFTER)
+    pacer.sent(1, 0.03)  # again: the call sent at 2 ms is now the oldest
+    assert pacer.delay(now) == pytest.approx(0.048 / QUEUED_AFTER)
 
 
 def test_the_link_is_held_only_while_every_busy_server_queues() -> None:
     busy, now = queueing()
-    slower, _ = queueing(2 * W)
+    shorter, _ = queueing(gap=0.003)
     idle = Pacer(W)
     assert link_delay([], now) == 0
     assert link_delay([idle], now) == 0
-    assert link_delay([busy, idle], now) == W  # a server with nothing in flight does not count
+    assert link_delay([busy, idle], now) == pytest.approx(0.008)  # nothing in flight: not counted
     assert link_delay([busy, idle], now, SMALL_READ + 1) == 0
+    assert link_delay(iter([busy, shorter]), now) == pytest.approx(0.006)  # the shortest hold of them
     quick = Pacer(W)  # a call in flight to a server that is not queueing: never held for the busy one
     quick.sent("x", now)
     assert link_delay([busy, quick], now) == 0
-    later = QUEUED_AFTER * 2 * W + 0.003  # "c", sent at 0.002, has waited 4 of the slower's windows
-    for pacer in (busy, slower):
-        pacer.sent("d", later)
-        pacer.answered("b", later)
-    assert link_delay([busy, slower], later) == W  # the shortest window of them
 
 
 Op = tuple[str, int, float, int]
@@ -133,11 +156,11 @@ Op = tuple[str, int, float, int]
     st.lists(
         st.tuples(
             st.sampled_from(["sent", "answered", "forget", "delay"]),
-            st.integers(0, 5),
+            st.integers(0, 9),
             st.floats(0, 0.02),
             st.sampled_from([0, 100, SMALL_READ, SMALL_READ + 1, 256 * 1024]),
         ),
-        max_size=60,
+        max_size=80,
     ),
     st.sampled_from([0.0, 0.001, 0.002, 0.005]),
 )
@@ -145,29 +168,31 @@ def test_any_sequence_follows_the_rule(ops: list[Op], window: float) -> None:
     pacer = Pacer(window)
     sent: dict[int, float] = {}
     last_answer = float("-inf")
+    gap = 0.0
     now = 0.0
     for op, key, step, read in ops:
         now += step
         if op == "sent":
+            sent.pop(key, None)
             sent[key] = now  # a key sent again counts from its new time
             pacer.sent(key, now)
         elif op == "answered":
             if sent.pop(key, None) is not None:
+                gap += (min(now - last_answer, MAX_WINDOWS * window) - gap) * SMOOTHING
                 last_answer = now
             pacer.answered(key, now)
         elif op == "forget":
             sent.pop(key, None)
             pacer.forget(key)
         got = pacer.delay(now, read)
-        oldest = min(sent.values(), default=now)
-        expected = (
-            window > 0
-            and read <= SMALL_READ
-            and len(sent) >= 2
-            and now - last_answer <= window
-            and now - oldest >= QUEUED_AFTER * window
-        )
-        assert got == (window if expected else 0.0), (ops, window)
+        expected = 0.0
+        if window > 0 and read <= SMALL_READ and len(sent) >= 2:
+            waited = now - min(sent.values())
+            hold = min(waited, (len(sent) - 1) * gap, MAX_WINDOWS * QUEUED_AFTER * window) / QUEUED_AFTER
+            if waited >= QUEUED_AFTER * window and hold >= window and now - last_answer <= hold:
+                expected = hold
+        assert got == pytest.approx(expected), (ops, window)
+        assert got == 0 or window <= got <= MAX_WINDOWS * window + 1e-12
         assert pacer.in_flight == len(sent)
 
 
@@ -245,18 +270,10 @@ async def test_a_paced_stdio_channel_keeps_its_calls_in_flight() -> None:
     assert pacer.in_flight == 0  # never written (no child): never in flight either
 
 
-@pytest.mark.parametrize("coalesce_ms", ["2", "0"])
-async def test_the_gateway_holds_its_reads_while_a_server_queues(
-    gateway: GatewayFactory, tmp_path: Path, coalesce_ms: str
-) -> None:
-    """A server that works 4 ms per call, one at a time, and 12 sessions calling it in a closed loop:
-    calls queue, so the gateway leaves the child's output unread for a window after each read and
-    says how often when it stops (``reads_held``); every call still gets its own answer. With
-    ``coalesce_ms = 0`` it never holds a read."""
-    servers = servers_file(tmp_path, {"busy": {"command": sys.executable, "args": [STUBBORN]}})
-    gw = gateway("serve", "--config", str(servers), env={"MCP_BASTION_COALESCE_MS": coalesce_ms})
+async def queue_up(url: str, sessions: int = 12, calls: int = 8) -> None:
+    """Make calls queue at a stubborn server's ``busy`` tool (4 ms per call, one at a time): ``sessions``
+    handshake-era sessions calling it in a closed loop; every call must get its own answer."""
     headers = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
-    url = f"{gw.base}/servers/busy/mcp"
 
     async def caller(client: httpx.AsyncClient, n: int) -> list[str]:
         init = {
@@ -268,7 +285,7 @@ async def test_the_gateway_holds_its_reads_while_a_server_queues(
         session = {**headers, "mcp-session-id": r.headers["mcp-session-id"]}
         await client.post(url, json=rpc.notification("notifications/initialized"), headers=session)
         texts = []
-        for k in range(8):
+        for k in range(calls):
             busy = {"name": "busy", "arguments": {"text": f"{n}.{k}", "seconds": 0.004}}
             r = await client.post(url, json=rpc.request(k + 1, "tools/call", busy), headers=session)
             answer = r.json()
@@ -278,8 +295,21 @@ async def test_the_gateway_holds_its_reads_while_a_server_queues(
         return texts
 
     async with httpx.AsyncClient(timeout=30) as client:
-        texts = await asyncio.gather(*(caller(client, n) for n in range(12)))
-    assert texts == [[f"{n}.{k}" for k in range(8)] for n in range(12)]
+        texts = await asyncio.gather(*(caller(client, n) for n in range(sessions)))
+    assert texts == [[f"{n}.{k}" for k in range(calls)] for n in range(sessions)]
+
+
+@pytest.mark.parametrize("coalesce_ms", ["2", "0"])
+async def test_the_gateway_holds_its_reads_while_a_server_queues(
+    gateway: GatewayFactory, tmp_path: Path, coalesce_ms: str
+) -> None:
+    """A server that works 4 ms per call, one at a time, and 12 sessions calling it in a closed loop:
+    calls queue, so the gateway leaves the child's output unread for a window after each read and
+    says how often when it stops (``reads_held``); every call still gets its own answer. With
+    ``coalesce_ms = 0`` it never holds a read."""
+    servers = servers_file(tmp_path, {"busy": {"command": sys.executable, "args": [STUBBORN]}})
+    gw = gateway("serve", "--config", str(servers), env={"MCP_BASTION_COALESCE_MS": coalesce_ms})
+    await queue_up(f"{gw.base}/servers/busy/mcp")
     stop_process(gw.proc)
     stopped = [json.loads(line) for line in gw.logs().splitlines() if '"gateway_stopped"' in line]
     assert len(stopped) == 1, gw.logs()[-2000:]

@@ -37,6 +37,7 @@ from tests.conftest import (
 from tests.support.external import start_process, stop_process
 from tests.test_concurrency import HEADERS, legacy_session
 from tests.test_conformance import REQUIREMENTS, run_suite
+from tests.test_core_pacing import queue_up
 
 ConnectorFactory = Callable[..., subprocess.Popen[bytes]]
 # A stdio server that answers cancelled calls too, late (the SDK's never do): tests/servers/.
@@ -921,6 +922,41 @@ async def test_reads_are_coalesced_while_a_server_queues(
         assert held["link"] > 0 and held["servers"] > 0, held
     else:
         assert held == {"link": 0, "servers": 0}, held
+
+
+@pytest.mark.parametrize("coalesce_ms", ["2", "0"])
+async def test_the_gateway_holds_the_link_while_a_tunnel_server_queues(
+    gateway: GatewayFactory, connector: ConnectorFactory, tmp_path: Path, coalesce_ms: str
+) -> None:
+    """The gateway's end paces the link as the connector's does (core/pacing.py): while a server
+    behind the connector queues, the gateway leaves the link unread for a hold after each message,
+    so the answers come to it in batches, and says how often when the link ends (``reads_held``);
+    every call still gets its own answer. With ``coalesce_ms = 0`` it never holds the link. (The
+    connector holds nothing here: only the gateway's end is under test.)"""
+    gw = gateway(
+        "serve",
+        "--config",
+        str(servers_file(tmp_path, {})),
+        env={"MCP_BASTION_COALESCE_MS": coalesce_ms},
+    )
+    token = add_connector(tmp_path, "laptop")
+    proc = connector(
+        gw, token, {"busy": {"command": sys.executable, "args": [STUBBORN]}}, "--coalesce-ms", "0"
+    )
+    wait_until(lambda: attached(gw, "laptop", "busy"), "the connector attached")
+    await queue_up(f"{gw.base}/servers/busy/mcp")
+    stop_process(proc)
+
+    def detached() -> list[dict[str, Any]]:
+        lines = gw.logs().splitlines()
+        return [json.loads(line) for line in lines if '"connector_detached"' in line]
+
+    wait_until(lambda: len(detached()) == 1, "the gateway saw the link end")
+    held = detached()[0]["reads_held"]
+    if coalesce_ms == "0":
+        assert held == 0
+    else:
+        assert held > 0  # 96 calls, 12 waiting at a time: the rule engaged (not a speed target)
 
 
 async def test_tls_is_verified_against_the_given_ca(gateway: GatewayFactory, tmp_path: Path) -> None:

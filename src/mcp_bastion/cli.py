@@ -336,7 +336,8 @@ def connect(
         int,
         typer.Option(
             "--coalesce-ms",
-            help="While a server is queueing, read at most once per this many milliseconds, so that "
+            help="The read-coalescing window: while a server is queueing, leave the link and its output "
+            "unread after each read for a quarter of what its calls wait (1 to 8 windows), so that "
             "each wake-up carries a batch (0: read every message at once).",
             min=0,
             max=int(MAX_COALESCE_MS),

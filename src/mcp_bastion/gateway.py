@@ -79,7 +79,9 @@ class Gateway:
         """A server that joins while the gateway runs (a connector's): in /mcp and at /servers/<name>/mcp."""
         if config.name in self.entries or self.single:
             raise ValueError(f"cannot add server {config.name!r} here")
-        entry = ServerEntry(config, self._on_events)  # its reads are coalesced on the connector
+        # Paced like a stdio server: its answers come over the connector's link, which the relay
+        # holds while the link's servers queue (core/pacing.py); the connector paces the child.
+        entry = ServerEntry(config, self._on_events, self.settings.coalesce_ms / 1000)
         entry.on_change = self._server_changed
         self.entries[config.name] = entry
         self._listeners[config.name] = []

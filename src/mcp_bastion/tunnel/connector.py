@@ -119,7 +119,7 @@ class Connector:
         self.ssl = tls_context(ca_bundle) if self.endpoint.secure else None
         self.heartbeat_seconds = heartbeat_seconds
         self.coalesce_seconds = coalesce_seconds  # read coalescing under load (core/pacing.py); 0: off
-        self.held = 0  # times the link was left unread for a window (logged at the end)
+        self.held = 0  # times a link was left unread for a hold, over all links (logged at the end)
         self.configs = {s.name: s for s in servers}
         self.servers = list(self.configs)
         self.hosts: dict[tuple[str, Era], PipeHost] = {}
@@ -176,10 +176,7 @@ class Connector:
         return found
 
     def _pace(self, read: int) -> float:
-        delay = link_delay([host.pacer for host in self.hosts.values()], time.monotonic(), read)
-        if delay > 0:
-            self.held += 1
-        return delay
+        return link_delay((host.pacer for host in self.hosts.values()), time.monotonic(), read)
 
     async def _start_servers(self) -> None:
         """Start every server's handshake-era channel now (the one the gateway opens first), so the
@@ -254,6 +251,7 @@ class Connector:
                 link.stop("shut down")
                 with contextlib.suppress(BaseException):
                     await running
+            self.held += link.held
 
     async def _serve(self, stream: TunnelStream) -> None:
         """One stream: a PIPE to a server the gateway accepted, in the era it asks for; nothing else."""

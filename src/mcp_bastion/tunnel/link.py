@@ -20,6 +20,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from ..core.pacing import Pacer
 from ..upstream.base import hold_reading
 from . import protocol as p
 
@@ -97,7 +98,15 @@ class AsgiWire:
         self._closed = True  # returning from the ASGI handler closes the connection
 
     async def hold(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)  # ASGI offers no way to pause reading; the gateway never holds
+        # ASGI offers no way to pause reading. uvicorn's WebSocket protocols keep their transport on
+        # the object ``receive`` is a method of: paused there, what the connector sends meanwhile
+        # waits in the kernel and this process is not woken for it. Under another server the hold
+        # still gathers what arrives into one batch, only without sparing the wake-ups.
+        transport = getattr(getattr(self._receive, "__self__", None), "transport", None)
+        if transport is None:
+            await asyncio.sleep(seconds)
+        else:
+            await hold_reading(transport, seconds)
 
 
 class ClientWire:
@@ -334,6 +343,9 @@ class Link:
         self.on_control = on_control
         self.clock = clock
         self.pace = pace  # seconds to read nothing after a message of N bytes (core/pacing.py)
+        self.held = 0  # messages followed by a hold
+        # The gateway's end: the pacers of the channels reading from this link (its pace asks them).
+        self.pacers: set[Pacer] = set()
         self.streams: dict[int, TunnelStream] = {}
         self.closed = asyncio.Event()
         self.reason = ""
@@ -481,6 +493,7 @@ class Link:
                 except ConnectionError:
                     return "the connection closed"
             if self.pace is not None and (delay := self.pace(len(data))) > 0:
+                self.held += 1
                 await self.wire.hold(delay)
 
     async def _violation(self, message: str) -> str:

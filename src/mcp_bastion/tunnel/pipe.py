@@ -178,6 +178,8 @@ class TunnelChannel(Channel):
                     detail += chunk
             raise UpstreamUnavailable(f"connector {self.connector!r}: {_error_text(detail, head.status)}")
         self.stream = stream
+        if self.pacer is not None:  # the link's reads are held while its servers queue (relay.py)
+            link.pacers.add(self.pacer)
         self._reader = asyncio.create_task(self._read(stream), name=f"tunnel:{self.label}")
         try:
             await self.handshake()
@@ -204,6 +206,7 @@ class TunnelChannel(Channel):
                 for line in lines.feed(chunk):
                     message = parse(line)
                     if message is not None:
+                        self.count_answer(message)
                         self.received(message)
                 if lines.dropped:  # an endless line: the connector broke the pipe's rules
                     reason = too_long(lines)
@@ -220,7 +223,9 @@ class TunnelChannel(Channel):
         stream = self.stream
         if stream is None or stream.gone.is_set():
             raise UpstreamUnavailable(self._why(stream.error or "closed") if stream else "not connected")
-        if stream.send_soon(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)):
+        full = stream.send_soon(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
+        self.count_sent(message)
+        if full:
             await stream.drained()  # beyond the connector's credit: wait until it reads
 
     async def _disconnect(self) -> None:

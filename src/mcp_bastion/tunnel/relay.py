@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import structlog
 
 from ..config import ServerConfig
 from ..core.names import valid_server_name
+from ..core.pacing import link_delay
 from ..heap import settle_heap
 from . import protocol as p
 from .link import AsgiWire, Link
@@ -219,6 +221,9 @@ class Relay:
                 hello.set_result(ev)
 
         link = Link(wire, p.Mux("gateway"), on_control=control)
+        # Answers of a queueing server are read in batches here too, as from a stdio child: the link
+        # is held while every server with calls in flight on it queues (core/pacing.py).
+        link.pace = lambda read: link_delay(link.pacers, time.monotonic(), read)
         running = asyncio.create_task(link.run())
         try:
             waitables: set[asyncio.Future[Any]] = {hello, running}
@@ -265,7 +270,7 @@ class Relay:
                 del self.registry.attached[name]
                 with contextlib.suppress(Exception):
                     await store.connector_detached(connector_id)
-            log.info("connector_detached", connector=name, reason=reason)
+            log.info("connector_detached", connector=name, reason=reason, reads_held=link.held)
         finally:
             if not running.done():
                 link.stop("shut down")

@@ -101,7 +101,8 @@ class Channel:
         # Seconds to leave the upstream's output unread after a read of N bytes (0: none); honoured
         # by stdio channels. None: never held. Usually set by pace_with (core/pacing.py).
         self.pace: Callable[[int], float] | None = None
-        # The calls in flight the pace is decided from; stdio channels keep it up to date.
+        # The calls in flight the pace is decided from; stdio and tunnel channels keep it up to date
+        # (a tunnel channel's link asks the pacers of all its channels, relay.py).
         self.pacer: Pacer | None = None
 
     def pace_with(self, pacer: Pacer) -> None:
@@ -110,6 +111,24 @@ class Channel:
         A pacer may outlive the channel (a restarted child gets a new channel, the same pacer)."""
         self.pacer = pacer
         self.pace = lambda read: pacer.hold(time.monotonic(), read)
+
+    def count_sent(self, message: rpc.Message) -> None:
+        """For the pacer: a request now in flight (until its answer is read), or a cancellation that
+        ends one. Called by ``_write`` once the message is on its way (never for one that fails)."""
+        pacer = self.pacer
+        if pacer is None or "method" not in message:
+            return
+        if "id" in message:
+            pacer.sent(message["id"], time.monotonic())
+        elif message["method"] == "notifications/cancelled":
+            rid = rpc.params_of(message).get("requestId")
+            if type(rid) is int or type(rid) is str:
+                pacer.forget(rid)
+
+    def count_answer(self, message: rpc.Message) -> None:
+        """For the pacer: an answer read from the upstream (a valid message: a response has an id)."""
+        if self.pacer is not None and "method" not in message:
+            self.pacer.answered(message["id"], time.monotonic())
 
     @property
     def label(self) -> str:

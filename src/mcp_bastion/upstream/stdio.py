@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,8 +150,7 @@ class StdioChannel(Channel):
                 except (orjson.JSONDecodeError, rpc.ProtocolError) as exc:
                     log.warning("upstream_bad_message", server=self.server, error=str(exc)[:200])
                     continue
-                if self.pacer is not None and "method" not in msg:
-                    self.pacer.answered(msg["id"], time.monotonic())
+                self.count_answer(msg)
                 self.received(msg)
             if lines.dropped != dropped:
                 dropped = lines.dropped
@@ -185,21 +183,10 @@ class StdioChannel(Channel):
             stdin = proc.stdin
             asyncio.get_running_loop().call_soon(self._flush, stdin)
         out.append(data)
-        if self.pacer is not None and "method" in message:
-            self._paced(message)
+        self.count_sent(message)
         if stdin is not None and stdin.transport.get_write_buffer_size() > WRITE_BACKLOG:
             async with self._write_lock:  # the child reads slower than we write: wait for it
                 await stdin.drain()
-
-    def _paced(self, message: rpc.Message) -> None:
-        """A request the pacer counts in flight (until its answer is read), or a cancellation."""
-        assert self.pacer is not None
-        if "id" in message:
-            self.pacer.sent(message["id"], time.monotonic())
-        elif message["method"] == "notifications/cancelled":
-            rid = rpc.params_of(message).get("requestId")
-            if type(rid) is int or type(rid) is str:
-                self.pacer.forget(rid)
 
     def _flush(self, stdin: asyncio.StreamWriter) -> None:
         """What was written in one turn of the loop goes to the child in one write: at C=50 a write
