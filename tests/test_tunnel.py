@@ -18,14 +18,15 @@ from typing import Any, cast
 
 import httpx
 import pytest
+import uvicorn
 from mcp import Client
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from mcp_bastion.tunnel import protocol as p
-from mcp_bastion.tunnel.link import ClientWire, Link, TunnelStream
+from mcp_bastion.tunnel.link import AsgiWire, ClientWire, Link, TunnelStream
 from tests.conftest import (
     BASTION,
     GatewayFactory,
@@ -445,6 +446,53 @@ async def link_pair(
             finally:
                 link.stop("done")
                 await running
+
+
+async def test_the_gateways_wire_pauses_uvicorns_transport_for_a_hold() -> None:
+    """``AsgiWire.hold`` reaches the transport uvicorn's WebSocket protocol keeps (ASGI itself has no
+    way to pause reading): during a hold the socket is not read, so a message the connector sends
+    meanwhile waits in the kernel and is read once the hold ends. Run on uvicorn as the gateway runs
+    it (``ws="auto"``), so an uvicorn that stops keeping its transport there fails here."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        wire = AsgiWire(receive, send)
+        seen["first"] = await wire.recv()
+        transport = receive.__self__.transport
+        seen["before"] = transport.is_reading()
+        hold = asyncio.create_task(wire.hold(0.5))
+        await asyncio.sleep(0)
+        await wire.send(b"holding")  # the client sends its second message now, during the hold
+        await asyncio.sleep(0.2)
+        seen["during"] = transport.is_reading()
+        await hold
+        seen["after"] = transport.is_reading()
+        seen["second"] = await wire.recv()
+        await wire.close(1000, "done")
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="auto")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with ws_connect(f"ws://127.0.0.1:{port}", proxy=None) as ws:
+            await ws.send(b"one")
+            assert await asyncio.wait_for(ws.recv(), 10) == b"holding"
+            await ws.send(b"two")
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+    finally:
+        server.should_exit = True
+        await serving
+    assert seen == {"first": b"one", "before": True, "during": False, "after": True, "second": b"two"}
 
 
 async def test_a_slow_consumer_does_not_stall_another_stream() -> None:
