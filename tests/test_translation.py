@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 from mcp import Client
 
+from mcp_bastion.core import jsonrpc as rpc
 from tests.conftest import GatewayFactory, everything_entry, notes_entry, servers_file
 from tests.test_clients import elicitation, sampling, text_of
 
@@ -120,3 +123,73 @@ async def test_handshake_client_resource_subscription(gateway: GatewayFactory, t
                 break
             await asyncio.sleep(0.1)
     assert updates and updates[0] == "notes+notes://all"
+
+
+REGIONAL = """
+import json, sys
+TOOL = {"name": "where", "inputSchema": {"type": "object", "properties": {
+    "region": {"type": "string", "x-mcp-header": "Region"},
+    "size": {"type": "integer", "x-mcp-header": "Size"},
+    "note": {"type": "string"}}}}
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    method, params = m.get("method"), m.get("params") or {}
+    if method == "initialize":
+        r = {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
+             "serverInfo": {"name": "regional", "version": "1"}}
+    elif method == "tools/list":
+        r = {"tools": [TOOL]}
+    elif method == "tools/call":
+        r = {"content": [{"type": "text", "text": json.dumps(params.get("arguments"))}]}
+    else:
+        r = {}
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": r}) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+async def test_param_headers_are_checked_against_the_listed_schema(
+    gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A 2026-07-28 tools/call of a tool whose listed inputSchema declares ``x-mcp-header`` properties
+    must carry matching Mcp-Param-* headers: missing, extra or different ones get -32020 (HTTP 400)
+    and never reach the server; matching ones pass."""
+    script = tmp_path / "regional.py"
+    script.write_text(REGIONAL)
+    gw = gateway(
+        "serve",
+        "--config",
+        str(servers_file(tmp_path, {"regional": {"command": sys.executable, "args": [str(script)]}})),
+    )
+    url = f"{gw.base}/servers/regional/mcp"
+    listed = {**MODERN, "Mcp-Method": "tools/list"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(url, headers=listed, json=rpc.request(1, "tools/list", {"_meta": META}))
+        assert [t["name"] for t in r.json()["result"]["tools"]] == ["where"]
+
+        async def call(args: dict[str, Any], extra: dict[str, str]) -> httpx.Response:
+            params = {"name": "where", "arguments": args, "_meta": META}
+            headers = {**MODERN, "Mcp-Name": "where", **extra}
+            return await client.post(url, headers=headers, json=rpc.request(2, "tools/call", params))
+
+        ok = await call(
+            {"region": "eu-west", "size": 3, "note": "x"},
+            {"Mcp-Param-Region": "eu-west", "Mcp-Param-Size": "3"},
+        )
+        assert ok.status_code == 200, ok.text
+        assert json.loads(ok.json()["result"]["content"][0]["text"]) == {
+            "region": "eu-west",
+            "size": 3,
+            "note": "x",
+        }
+        for args, extra in [
+            ({"region": "eu-west", "size": 3}, {"Mcp-Param-Size": "3"}),  # Region missing
+            ({"region": "eu-west", "size": 3}, {"Mcp-Param-Region": "us-east", "Mcp-Param-Size": "3"}),
+            ({"region": "eu-west", "size": 3}, {"Mcp-Param-Region": "eu-west", "Mcp-Param-Size": "4"}),
+            ({"size": 3}, {"Mcp-Param-Region": "eu-west", "Mcp-Param-Size": "3"}),  # header, no argument
+        ]:
+            bad = await call(args, extra)
+            assert bad.status_code == 400, (extra, bad.text)
+            assert bad.json()["error"]["code"] == -32020, bad.text

@@ -32,6 +32,7 @@ from .core.eras import (
     META_SERVER_INFO,
     META_SUBSCRIPTION_ID,
     negotiate_handshake,
+    x_mcp_headers,
 )
 from .core.forward import Broadcast, Delivery, Event, ServerRequest
 from .core.names import NameMap, PrefixMode, UriMap
@@ -278,7 +279,9 @@ class Hub:
         self.peers: set[Peer] = set()
         self.held: dict[str, HeldCall] = {}
         self._tasks: set[asyncio.Future[None]] = set()
-        self.tool_schemas: dict[str, Any] = {}  # exposed tool name -> inputSchema, as last listed
+        # Exposed tool name -> the Mcp-Param-* headers its inputSchema declares (property -> header),
+        # as last listed; only tools that declare some.
+        self.param_headers: dict[str, dict[str, str]] = {}
         # Each server's lists as last fetched, so a peer that may use only some servers can
         # rebuild the shared name maps without reaching the others.
         self._last_lists: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -291,15 +294,15 @@ class Hub:
         """The servers this peer's identity may use, in configuration order."""
         return [e for e in self.entries.values() if e.usable_by(peer)]
 
-    async def tool_schema(self, name: str) -> Any:
-        """The input schema of a tool as last listed (for Mcp-Param-* checks), if known."""
-        return self.tool_schemas.get(name)
-
     def _remember_tools(self, tools: Any) -> None:
         if isinstance(tools, list):
             for t in tools:
                 if isinstance(t, dict) and isinstance(t.get("name"), str):
-                    self.tool_schemas[t["name"]] = t.get("inputSchema")
+                    declared = x_mcp_headers(t.get("inputSchema"))
+                    if declared:
+                        self.param_headers[t["name"]] = declared
+                    else:
+                        self.param_headers.pop(t["name"], None)
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, peer: Peer) -> None:

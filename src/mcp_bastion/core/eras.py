@@ -190,7 +190,12 @@ def _render(value: Any) -> str | None:
 
 def check_param_headers(input_schema: Any, arguments: Any, headers: Mapping[str, str]) -> None:
     """Check Mcp-Param-* headers a tool's schema declares against the call's arguments (-32020)."""
-    mapping = x_mcp_headers(input_schema)
+    check_param_values(x_mcp_headers(input_schema), arguments, headers)
+
+
+def check_param_values(mapping: Mapping[str, str], arguments: Any, headers: Mapping[str, str]) -> None:
+    """:func:`check_param_headers` with the schema's ``x_mcp_headers`` already taken (a gateway
+    keeps them per tool as it lists the tools, rather than walking the schema on every call)."""
     if not mapping:
         return
     args = arguments if isinstance(arguments, dict) else {}

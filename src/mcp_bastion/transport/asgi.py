@@ -30,7 +30,7 @@ from ..core.eras import (
     MODERN_ERROR_STATUS,
     MODERN_VERSIONS,
     check_modern_request,
-    check_param_headers,
+    check_param_values,
     duplicated_routing_header,
     unsupported_version,
 )
@@ -932,9 +932,9 @@ class McpHttpApp:
             headers = _mcp_headers(scope)
             envelope = check_modern_request(message, headers)
             if message["method"] == "tools/call":
-                schema = await hub.tool_schema(str(rpc.params_of(message).get("name", "")))
-                if schema is not None:
-                    check_param_headers(schema, rpc.params_of(message).get("arguments"), headers)
+                declared = hub.param_headers.get(str(rpc.params_of(message).get("name", "")))
+                if declared is not None:
+                    check_param_values(declared, rpc.params_of(message).get("arguments"), headers)
         except rpc.ProtocolError as exc:
             status = MODERN_ERROR_STATUS.get(exc.code, 400)
             await respond_json(send, status, exc.to_message(message["id"]))
