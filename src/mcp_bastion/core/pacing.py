@@ -13,14 +13,14 @@ unread for a short hold after each read.
 waited at least ``QUEUED_AFTER`` windows, and an answer came within the hold. The hold is a quarter
 (``1 / QUEUED_AFTER``) of the shorter of two spans: how long the oldest call has waited, and how
 long the server needs for the calls queued behind the one it works on (the mean time between its
-answers times their number); at most ``MAX_WINDOWS`` windows, and none below one window. So a call
-waits at most a quarter more on its way in and out than it already waits, a server is never left
-without work by a hold (it still has three quarters of its queue when the hold ends), and the
-batches grow with the queue (bench/README.md, "Holds sized to the queue"). Below that (one caller, a
-fast server, a single long call) nothing changes. A read of more than ``SMALL_READ`` bytes is a
-batch already and is never followed by a hold: what waits unread meanwhile is bounded by the pipe
-(64 KiB on Linux), and a server with large answers would stall on it (64 KiB echoes at C=50: 3,300 →
-630 calls/s before this rule).
+answers times their number); at most ``MAX_WINDOWS`` windows, and none below one window. So at each
+hold a call waits at most a quarter more than it already has, a server is never left without work by
+a hold (it still has three quarters of its queue when the hold ends), and the batches grow with the
+queue (bench/README.md, "Holds sized to the queue"). Below that (one caller, a fast server, a single
+long call) nothing changes. A read of more than ``SMALL_READ`` bytes is a batch already and is never
+followed by a hold: what waits unread meanwhile is bounded by the pipe (64 KiB on Linux), and a
+server with large answers would stall on it (64 KiB echoes at C=50: 3,300 → 630 calls/s before this
+rule).
 """
 
 from __future__ import annotations
