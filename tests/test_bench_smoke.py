@@ -3,7 +3,8 @@
 A few verified calls per subject that needs no extra install (the SDK's own HTTP server in SSE and
 JSON mode, the no-hop ceilings, the pipe floor, mcp-bastion's single-server and aggregated paths in
 front of both upstreams, and the tunnel path: gateway plus connector), in both protocol eras, plus a
-tiny set-up storm and idle-session test; the two stdio upstreams on their own; and the load generator's
+tiny set-up storm and idle-session test; the two stdio upstreams on their own; the apps driven
+in-process (``bench.inproc``); and the load generator's
 misrouting detector against a server that misroutes on purpose. The peers
 (``bench/setup_peers.sh``) and the full run are not part of it.
 
@@ -220,6 +221,36 @@ def test_stdio_alone_drives_both_upstreams_in_both_eras(tmp_path: Path) -> None:
     for row in rows:
         assert row["ok"] == row["calls"] > 0 and row["bad"] == 0 and row["throughput"] > 0, row
     assert "| `sdk` | modern | 3 |" in done.stdout.decode()
+
+
+def test_inproc_drives_the_apps_in_both_eras(tmp_path: Path) -> None:
+    """``bench.inproc`` (an app's CPU per call with no sockets) drives mcp-bastion, the ceiling and the
+    floor in both eras, checks every answer, and can import mcp-bastion from another tree (``--src``)."""
+    out = tmp_path / "inproc.jsonl"
+    cmd = [sys.executable, "-m", "bench.inproc", "--app", *("bastion", "ceiling", "floor")]
+    args = [
+        "-c",
+        "3",
+        "-n",
+        "10",
+        "--warmup",
+        "2",
+        "--rounds",
+        "2",
+        "--src",
+        str(ROOT / "src"),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["app"], r["era"]) for r in rows} == {
+        (a, e) for a in ("bastion", "ceiling", "floor") for e in ("handshake", "modern")
+    }
+    for row in rows:
+        assert row["bad"] == 0 and row["calls_per_round"] == 30 and len(row["cpu_us_per_call"]) == 2, row
+        assert row["cpu_us_min"] > 0 and row["calls_per_s_median"] > 0, row
 
 
 def free_port() -> int:
