@@ -494,12 +494,35 @@ class Hub:
         """Answer one downstream request; always returns a response message."""
         down_id = message["id"]
         try:
+            if message["method"] == "tools/call":  # most requests: routed here, without the others' checks
+                routed = self._route_call(message)
+                if routed is not None:
+                    return await self.forward(peer, routed[0], routed[1], "tools/call")
             result = await self._dispatch(peer, message)
         except rpc.ProtocolError as exc:
             return exc.to_message(down_id)
         except UpstreamUnavailable as exc:
             return rpc.error(down_id, rpc.UPSTREAM_UNAVAILABLE, str(exc))
         return result
+
+    def _route_call(self, message: rpc.Message) -> tuple[str, rpc.Message] | None:
+        """A tools/call's server and the call as that server must see it; None when the name is not
+        known yet (``_dispatch`` lists the tools again first). ProtocolError for a tool the server's
+        configuration does not offer."""
+        try:
+            server, rewritten = self._target("tools/call", message)
+        except rpc.ProtocolError:
+            return None
+        self._check_offered(server, message, rewritten)
+        return server, rewritten
+
+    def _check_offered(self, server: str, message: rpc.Message, rewritten: rpc.Message) -> None:
+        config = self.entries[server].config
+        if not (config.tools_allow or config.tools_deny):
+            return  # the usual case: no list, every tool offered
+        if not config.tool_allowed(str(rpc.params_of(rewritten).get("name", ""))):
+            shown = rpc.params_of(message).get("name")
+            raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Unknown tool: {shown}")
 
     async def _dispatch(self, peer: Peer, message: rpc.Message) -> rpc.Message:
         method: str = message["method"]
@@ -529,18 +552,15 @@ class Hub:
             await self.refresh_names(peer)  # a name this hub has not listed yet
             server, rewritten = self._target(method, message)
         if method == "tools/call":
-            name = str(rpc.params_of(rewritten).get("name", ""))
-            if not self.entries[server].config.tool_allowed(name):
-                shown = rpc.params_of(message).get("name")
-                raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Unknown tool: {shown}")
+            self._check_offered(server, message, rewritten)
         return await self.forward(peer, server, rewritten, method)
 
     def _target(self, method: str, message: rpc.Message) -> tuple[str, rpc.Message]:
         """Which server a request is for, and the request as that server must see it."""
+        if self.single:
+            return next(iter(self.entries)), message
         params = rpc.params_of(message)
         servers = list(self.entries)
-        if self.single:
-            return servers[0], message
         found: tuple[str, str] | None = None
         if method in ("tools/call", "prompts/get"):
             names = self.tools if method == "tools/call" else self.prompts
