@@ -39,6 +39,8 @@ from typing import Any
 
 import orjson
 
+from bench.loadgen import make_text, reply_text
+
 BENCH = Path(__file__).resolve().parent
 UPSTREAMS = BENCH / "upstreams"
 APPS = ("bastion", "ceiling", "floor")
@@ -199,16 +201,15 @@ class Caller:
     async def run(self, n: int) -> None:
         for _ in range(n):
             self.calls += 1
-            tag = f"{self.k}:{self.calls}|"
-            text = tag + "x" * max(0, self.payload - len(tag))
+            text = make_text("inproc", self.k, self.calls, self.payload)
             params: dict[str, Any] = {"name": "echo", "arguments": {"text": text}}
             if self.era == "modern":
                 params["_meta"] = META
             msg = {"jsonrpc": "2.0", "id": self.calls, "method": "tools/call", "params": params}
             status, _, body = await post(self.app, orjson.dumps(msg), self.extra)
             answer = answer_of(body) if status == 200 else {}
-            content = (answer.get("result") or {}).get("content") or [{}]
-            if answer.get("id") != self.calls or content[0].get("text") != text:
+            result = answer.get("result")
+            if answer.get("id") != self.calls or not isinstance(result, dict) or reply_text(result) != text:
                 self.bad += 1
 
 

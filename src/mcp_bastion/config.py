@@ -85,8 +85,13 @@ class ServerConfig:
     tools_allow: tuple[str, ...] = ()
     tools_deny: tuple[str, ...] = ()
 
+    @property
+    def filters_tools(self) -> bool:
+        """Whether an allow or deny list applies (usually not: then every tool is offered)."""
+        return bool(self.tools_allow or self.tools_deny)
+
     def tool_allowed(self, name: str) -> bool:
-        if not self.tools_allow and not self.tools_deny:
+        if not self.filters_tools:
             return True  # the usual case, on every tools/call: no pattern matching at all
         if self.tools_allow and not any(fnmatch.fnmatchcase(name, p) for p in self.tools_allow):
             return False

@@ -518,9 +518,7 @@ class Hub:
 
     def _check_offered(self, server: str, message: rpc.Message, rewritten: rpc.Message) -> None:
         config = self.entries[server].config
-        if not (config.tools_allow or config.tools_deny):
-            return  # the usual case: no list, every tool offered
-        if not config.tool_allowed(str(rpc.params_of(rewritten).get("name", ""))):
+        if config.filters_tools and not config.tool_allowed(str(rpc.params_of(rewritten).get("name", ""))):
             shown = rpc.params_of(message).get("name")
             raise rpc.ProtocolError(rpc.INVALID_PARAMS, f"Unknown tool: {shown}")
 

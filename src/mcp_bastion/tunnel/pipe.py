@@ -355,7 +355,7 @@ class PipeHost:
         if method in HANDSHAKE_METHODS:
             outbox.put(rpc.result(message["id"], ch.init_result))
             return
-        if method == "tools/call":
+        if method == "tools/call" and self.config.filters_tools:
             name = str(rpc.params_of(message).get("name", ""))
             if not self.config.tool_allowed(name):
                 outbox.put(rpc.error(message["id"], rpc.INVALID_PARAMS, f"Unknown tool: {name}"))
